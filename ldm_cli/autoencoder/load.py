@@ -1,0 +1,53 @@
+"""Load a trained autoencoder from its bundle, with its latent scale: what later stages use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL
+from ldm_cli.bundle import Bundle, load_bundle
+from ldm_cli.config import from_dict
+from ldm_cli.errors import BundleError
+
+
+@dataclass
+class LoadedAutoencoder:
+    model: AutoencoderKL
+    bundle: Bundle
+    latent_scale: float  # multiplies raw latents so the diffusion model sees unit variance
+    latent_shift: float
+    resolution: int
+
+    @property
+    def latent_channels(self) -> int:
+        return self.model.config.latent_channels
+
+    @property
+    def downsampling_factor(self) -> int:
+        return self.model.downsampling_factor
+
+    def to_diffusion_space(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents - self.latent_shift) * self.latent_scale
+
+    def from_diffusion_space(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.latent_scale + self.latent_shift
+
+
+def build_autoencoder(meta: dict, weights: dict[str, torch.Tensor]) -> AutoencoderKL:
+    model = AutoencoderKL(from_dict(meta["autoencoder"], AutoencoderConfig))
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise BundleError(f"autoencoder weights do not match its config: {str(error).splitlines()[0]}") from error
+    return model
+
+
+def load_autoencoder(path: str | Path | Bundle, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedAutoencoder:
+    bundle = path if isinstance(path, Bundle) else load_bundle(path, kind="autoencoder")
+    model = build_autoencoder(bundle.meta, bundle.tensors("autoencoder")).to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    meta = bundle.meta
+    return LoadedAutoencoder(model, bundle, float(meta["latent_scale"]), float(meta.get("latent_shift", 0.0)), int(meta["resolution"]))

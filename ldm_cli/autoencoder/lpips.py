@@ -1,0 +1,168 @@
+"""LPIPS perceptual distance (Zhang et al. 2018), 'vgg' variant, v0.1 weights.
+
+    d(x, y) = sum_l  mean_hw  || w_l * (f_l(x) - f_l(y)) ||^2,  f_l = unit-normalised VGG16 features
+
+Layers l: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3. Nothing is downloaded: the VGG16
+ImageNet weights and the linear heads are read from explicit paths or from torch hub's
+checkpoint cache, and a missing file raises MissingWeightsError naming it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torchvision.models import VGG16_Weights
+
+from ldm_cli.errors import BundleError, MissingWeightsError
+
+# torchvision's VGG16 `features` layout (cfg "D"); "M" is a 2x2 max-pool
+_VGG16_LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+# indices (in `features`) of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+TAP_INDICES = (3, 8, 15, 22, 29)
+TAP_CHANNELS = (64, 128, 256, 512, 512)
+HEADS_FILENAME = "lpips_vgg_v0.1.pth"
+HEADS_SOURCE = "the lpips package's lpips/weights/v0.1/vgg.pth (github.com/richzhang/PerceptualSimilarity)"
+
+
+def _vgg16_features() -> nn.Sequential:
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for spec in _VGG16_LAYOUT:
+        if spec == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(in_channels, spec, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            in_channels = spec
+    return nn.Sequential(*layers)  # ends at relu5_3: the last pool is never used
+
+
+class LinearHead(nn.Module):
+    """Learned per-channel weights of one layer (1x1 conv, no bias); key `model.1.weight` as upstream."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(channels, 1, kernel_size=1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def _unit_normalize(features: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    return features / (features.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
+
+
+class LPIPS(nn.Module):
+    """Frozen LPIPS-vgg; inputs in [-1, 1], output one distance per sample, shape [B]."""
+
+    def __init__(self):
+        super().__init__()
+        # LPIPS' own input scaling (ImageNet statistics expressed for [-1, 1] inputs)
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        self.features = _vgg16_features()
+        for k, channels in enumerate(TAP_CHANNELS):
+            self.add_module(f"lin{k}", LinearHead(channels))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> LPIPS:
+        # always eval: the heads' Dropout must stay off even inside a module put in train mode
+        return super().train(False)
+
+    def heads(self) -> list[LinearHead]:
+        return [getattr(self, f"lin{k}") for k in range(len(TAP_CHANNELS))]
+
+    def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        taps = []
+        for index, layer in enumerate(self.features):
+            x = layer(x)
+            if index in TAP_INDICES:
+                taps.append(x)
+        return taps
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        scaled = (torch.cat([x, y]) - self.shift) / self.scale  # one VGG pass for both images
+        distance = torch.zeros(batch, device=x.device, dtype=torch.float32)
+        for head, tap in zip(self.heads(), self._taps(scaled)):
+            # normalise and weight in float32: channel sums of squares lose too much in bf16
+            tap = tap.float()
+            diff = (_unit_normalize(tap[:batch]) - _unit_normalize(tap[batch:])).pow(2)
+            channel_weight = head.model[1].weight.float()  # [1, C, 1, 1]: the 1x1 conv, no bias
+            distance = distance + (channel_weight * diff).sum(dim=1).mean(dim=[1, 2])
+        return distance
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise MissingWeightsError(f"weights file not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt file, pickle with code, ...
+        raise BundleError(f"cannot read weights from {path}: {error}") from error
+    if not isinstance(state, dict):
+        raise BundleError(f"{path} does not hold a state_dict (found {type(state).__name__})")
+    return state
+
+
+def _cached_file(filename: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def vgg16_cache_path() -> Path:
+    """Where torchvision keeps VGG16_Weights.IMAGENET1K_V1 once downloaded."""
+    return _cached_file(os.path.basename(VGG16_Weights.IMAGENET1K_V1.url))
+
+
+def heads_cache_path() -> Path:
+    return _cached_file(HEADS_FILENAME)
+
+
+def _resolve(explicit: str | None, cached: Path, source: str, setting: str) -> str:
+    if explicit is not None:
+        return explicit
+    if cached.is_file():
+        return str(cached)
+    raise MissingWeightsError(
+        f"LPIPS needs {cached} (from {source}); put it there, or set {setting}=..., "
+        "or disable the term with loss.perceptual_weight=0"
+    )
+
+
+def _layer_index(key: str) -> int:
+    index = key.split(".")[1]
+    return int(index) if index.isdigit() else -1
+
+
+def load_lpips(vgg_path: str | None = None, heads_path: str | None = None) -> LPIPS:
+    """Build LPIPS-vgg from local files only; never downloads."""
+    vgg_file = _resolve(vgg_path, vgg16_cache_path(), VGG16_Weights.IMAGENET1K_V1.url, "loss.lpips_vgg_path")
+    heads_file = _resolve(heads_path, heads_cache_path(), HEADS_SOURCE, "loss.lpips_heads_path")
+    model = LPIPS()
+
+    vgg_state = _read_state_dict(vgg_file)
+    # torchvision layout: keep `features.<i>.*` up to relu5_3, ignore the pool and the classifier
+    features = {
+        key.removeprefix("features."): value
+        for key, value in vgg_state.items()
+        if key.startswith("features.") and _layer_index(key) < len(model.features)
+    }
+    try:
+        model.features.load_state_dict(features, strict=True)
+    except RuntimeError as error:
+        raise BundleError(f"{vgg_file} is not a torchvision VGG16 state_dict: {error}".replace("\n", " ")) from error
+
+    heads_state = {k: v for k, v in _read_state_dict(heads_file).items() if k.startswith("lin")}
+    heads = nn.ModuleDict({f"lin{k}": head for k, head in enumerate(model.heads())})
+    try:
+        heads.load_state_dict(heads_state, strict=True)
+    except RuntimeError as error:
+        raise BundleError(f"{heads_file} is not an LPIPS vgg v0.1 heads file: {error}".replace("\n", " ")) from error
+    return model

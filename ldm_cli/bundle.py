@@ -1,0 +1,149 @@
+"""Self-describing model bundles: safetensors weights + `bundle.json` (kind, configs, hashes).
+
+A bundle is what one stage hands to the next. The JSON names everything the next stage needs
+(architecture configs, latent scale, schedule, text encoder, the autoencoder it was trained with),
+so a user never re-types a config. Bundles are written atomically: a crash mid-write leaves the
+previous bundle in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm_cli import __version__
+from ldm_cli.errors import BundleError
+
+BUNDLE_JSON = "bundle.json"
+KINDS = ("autoencoder", "latent-diffusion")
+
+
+@dataclass
+class Bundle:
+    path: Path  # the directory holding bundle.json
+    meta: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    @property
+    def content_hash(self) -> str:
+        return self.meta["content_hash"]
+
+    def file(self, name: str) -> Path:
+        try:
+            return self.path / self.meta["files"][name]
+        except KeyError:
+            raise BundleError(f"bundle {self.path} has no '{name}' entry (it has: {', '.join(self.meta.get('files', {}))})") from None
+
+    def tensors(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        return read_safetensors(self.file(name), device)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise BundleError(f"weights file {path} is missing")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise BundleError(f"weights file {path} is corrupt or truncated ({error})") from error
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    contiguous = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
+    save_file(contiguous, str(path), metadata=metadata)
+
+
+def write_bundle(
+    directory: str | Path,
+    kind: str,
+    weights: dict[str, dict[str, torch.Tensor]],
+    meta: dict[str, Any],
+    folders: dict[str, Path] | None = None,
+) -> Bundle:
+    """Write `weights` (one safetensors file per entry) and `meta` into `directory`, atomically.
+
+    `folders` are copied in as they are (e.g. a text encoder in Hugging Face layout).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown bundle kind {kind!r}")
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        files, hashes = {}, {}
+        for name, tensors in weights.items():
+            filename = f"{name}.safetensors"
+            write_safetensors(tensors, staging / filename, metadata={"kind": kind, "part": name})
+            files[name], hashes[name] = filename, file_sha256(staging / filename)
+        for name, source in (folders or {}).items():
+            shutil.copytree(source, staging / name)
+            files[name] = name
+        content_hash = hashlib.sha256("".join(hashes[k] for k in sorted(hashes)).encode()).hexdigest()
+        full_meta = {"kind": kind, "ldm_version": __version__, **meta, "files": files, "hashes": hashes, "content_hash": content_hash}
+        (staging / BUNDLE_JSON).write_text(json.dumps(full_meta, indent=2, sort_keys=False))
+        _replace_directory(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Bundle(directory, full_meta)
+
+
+def _replace_directory(new: Path, target: Path) -> None:
+    """Move `new` to `target`; an existing `target` is kept aside until the move succeeded."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_bundle(path: str | Path) -> Path:
+    """Accept a bundle directory, its bundle.json, or a run directory with a `bundle/` inside."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise BundleError(f"{path} does not exist")
+    for candidate in (path, path / BUNDLE_JSON, path / "bundle" / BUNDLE_JSON):
+        if candidate.is_file() and candidate.name == BUNDLE_JSON:
+            return candidate.parent
+    if (path / "checkpoints").is_dir():
+        raise BundleError(f"run {path} has no bundle yet (training did not finish); resume it, or pass a finished run")
+    raise BundleError(f"{path} is not an ldm model bundle (no {BUNDLE_JSON} in it or in {path / 'bundle'})")
+
+
+def load_bundle(path: str | Path, kind: str | None = None) -> Bundle:
+    directory = find_bundle(path)
+    try:
+        meta = json.loads((directory / BUNDLE_JSON).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise BundleError(f"{directory / BUNDLE_JSON} is unreadable ({error})") from error
+    if not isinstance(meta, dict) or meta.get("kind") not in KINDS:
+        raise BundleError(f"{directory / BUNDLE_JSON} names no known bundle kind")
+    if kind is not None and meta["kind"] != kind:
+        raise BundleError(f"{directory} is a '{meta['kind']}' bundle, but this command needs a '{kind}' bundle")
+    return Bundle(directory, meta)

@@ -1,0 +1,234 @@
+"""Hydra YAML + command-line overrides → typed config objects. The one place configs are built.
+
+Each command has a primary YAML in `configs/` (e.g. `train_vae.yaml`) whose defaults list picks one
+option per group (`autoencoder/`, `data/`, `train/`, ...). We compose it with Hydra's compose API,
+merge it onto the command's dataclass schema (so a mistyped key or a bad value fails before any
+work), and return dataclasses. Every composition failure becomes one `ConfigError` line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ldm_cli.autoencoder.loss import AutoencoderLossConfig
+from ldm_cli.autoencoder.model import AutoencoderConfig
+from ldm_cli.data.images import DataConfig
+from ldm_cli.diffusion.schedule import ScheduleConfig
+from ldm_cli.diffusion.text import TextEncoderConfig
+from ldm_cli.diffusion.unet import UNetConfig
+from ldm_cli.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+Schema = TypeVar("Schema")
+
+
+@dataclass
+class TrainConfig:
+    """What both trainers share: steps, optimiser, precision, EMA, logging and checkpoints."""
+
+    max_steps: int = 1000
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    lr: float = 1e-4
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: Optional[float] = None
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA, with a grad scaler)
+    channels_last: bool = True
+    ema_decay: Optional[float] = None  # e.g. 0.9999; None disables EMA
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 10
+    image_every: int = 200  # sample / reconstruction grids
+    eval_every: int = 200  # held-out metrics
+    eval_batches: int = 4
+    checkpoint_every: int = 500
+    keep_last: int = 3
+
+
+@dataclass
+class DiffusionObjectiveConfig:
+    """The diffusion-specific parts of training: target weighting, conditioning dropout, validation."""
+
+    caption_dropout: float = 0.1  # so classifier-free guidance has an unconditional model
+    min_snr_gamma: Optional[float] = None  # 5.0 is the paper's choice
+    offset_noise: float = 0.0
+    validation_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square"])
+    validation_steps: int = 25
+    validation_guidance_scale: float = 5.0
+    validation_loss_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+
+
+@dataclass
+class TrainVaeConfig:
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+
+
+@dataclass
+class TrainDiffusionConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: DiffusionObjectiveConfig = field(default_factory=DiffusionObjectiveConfig)
+
+
+@dataclass
+class EncodeConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    batch_size: int = 16
+    shard_size: int = 1024  # images per shard file
+    flip: bool = False  # also store a horizontally flipped copy of each image
+    precision: str = "auto"
+
+
+@dataclass
+class SampleConfig:
+    """Sampling knobs beyond the command-line options."""
+
+    karras_sigmas: bool = False
+    timestep_spacing: str = "trailing"  # leading | trailing | linspace
+    tile_decode_above: int = 1024  # decode in tiles when the image side exceeds this many pixels
+    tile_latent_size: int = 64
+
+
+SCHEMAS: dict[str, type] = {
+    "train_vae": TrainVaeConfig,
+    "train_diffusion": TrainDiffusionConfig,
+    "encode": EncodeConfig,
+    "sample": SampleConfig,
+}
+
+
+def _one_line(error: Exception) -> str:
+    """Hydra and OmegaConf messages span several lines (search paths, full keys); keep the gist."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    for line in lines[1:]:
+        if line.startswith("Available options"):
+            text += " (" + line.rstrip(":") + ": " + ", ".join(_options_after(lines, line)) + ")"
+        if line.startswith("full_key:") and "full_key" not in text:
+            text += f" [{line}]"
+    return text
+
+
+def _options_after(lines: list[str], header: str) -> list[str]:
+    start = lines.index(header) + 1
+    options = []
+    for line in lines[start:]:
+        if line.startswith("Config search path") or ":" in line:
+            break
+        options.append(line)
+    return options
+
+
+def compose(
+    name: str,
+    overrides: list[str] | None = None,
+    config_dir: str | Path | None = None,
+) -> DictConfig:
+    """Compose `configs/<name>.yaml` with Hydra; `config_dir` adds a user's own config tree to the search path."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    overrides = list(overrides or [])
+    if config_dir is not None:
+        user_dir = Path(config_dir).expanduser().resolve()
+        if not user_dir.is_dir():
+            raise ConfigError(f"config directory {user_dir} does not exist")
+        overrides.insert(0, f"hydra.searchpath=[file://{user_dir}]")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            return hydra_compose(config_name=name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as error:
+        raise ConfigError(_one_line(error)) from error
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def to_schema(raw: DictConfig | dict, schema: type[Schema]) -> Schema:
+    """Validate a composed config against a dataclass schema and return the dataclass."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as error:
+        raise ConfigError(_one_line(error)) from error
+
+
+def load_config(
+    name: str,
+    overrides: list[str] | None = None,
+    config_dir: str | Path | None = None,
+) -> Any:
+    """Compose and validate the config of one command (`name` is a key of SCHEMAS)."""
+    config = to_schema(compose(name, overrides, config_dir), SCHEMAS[name])
+    validate(config)
+    return config
+
+
+def apply_overrides(config: Schema, overrides: list[str]) -> Schema:
+    """Apply `key=value` overrides to an existing config (used when resuming a saved run)."""
+    try:
+        patch = OmegaConf.from_dotlist([o.lstrip("+") for o in overrides])
+        merged = OmegaConf.merge(OmegaConf.structured(config), patch)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_one_line(error)) from error
+    except Exception as error:  # OmegaConf's dotlist parser raises assorted types
+        raise ConfigError(f"bad override in {overrides}: {error}") from error
+    return to_schema(merged, type(config))
+
+
+def to_yaml(config: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_dict(config: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(data: dict, schema: type[Schema]) -> Schema:
+    return to_schema(OmegaConf.create(data), schema)
+
+
+def validate(config: Any) -> None:
+    """Value checks that types alone cannot express; each failure is one line naming the key."""
+    train = getattr(config, "train", None)
+    if train is not None:
+        _check(train.max_steps > 0, "train.max_steps", "a positive integer", train.max_steps)
+        _check(train.batch_size > 0, "train.batch_size", "a positive integer", train.batch_size)
+        _check(train.grad_accum_steps > 0, "train.grad_accum_steps", "a positive integer", train.grad_accum_steps)
+        _check(train.lr > 0, "train.lr", "a positive number", train.lr)
+        _check(train.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", "auto, fp32, bf16 or fp16", train.precision)
+        _check(train.keep_last > 0, "train.keep_last", "a positive integer", train.keep_last)
+        _check(train.ema_decay is None or 0 < train.ema_decay < 1, "train.ema_decay", "null or a number in (0, 1)", train.ema_decay)
+        _check(len(train.adam_betas) == 2, "train.adam_betas", "two numbers", train.adam_betas)
+    data = getattr(config, "data", None)
+    if data is not None:
+        _check(data.resolution > 0, "data.resolution", "a positive integer", data.resolution)
+    objective = getattr(config, "objective", None)
+    if objective is not None:
+        _check(0 <= objective.caption_dropout < 1, "objective.caption_dropout", "a number in [0, 1)", objective.caption_dropout)
+    for part in dataclasses.fields(config):
+        value = getattr(config, part.name)
+        if hasattr(value, "validate"):
+            value.validate()
+
+
+def _check(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {got!r}")

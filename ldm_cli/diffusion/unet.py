@@ -1,0 +1,510 @@
+"""Stable Diffusion v1's text-conditioned U-Net, written from scratch.
+
+Parameter names equal diffusers' `UNet2DConditionModel` state_dict keys, so its weights load
+with a strict `load_state_dict` both ways. The network predicts the noise (or v) of a latent
+`sample` at diffusion `timestep`, conditioned on text tokens `encoder_hidden_states`:
+
+    conv_in -> down blocks (resnets [+ spatial transformers], downsample) -> mid block
+            -> up blocks (concat skip, resnets [+ spatial transformers], upsample) -> conv_out
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ldm_cli.errors import ConfigError
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
+
+# diffusers' Transformer2DModel hard-codes this GroupNorm eps (resnets use `norm_eps`).
+TRANSFORMER_GROUP_NORM_EPS = 1e-6
+
+
+@dataclass
+class UNetConfig:
+    """Shape of the U-Net; field names and meanings are diffusers' `UNet2DConditionModel` config."""
+
+    sample_size: int = 64  # latent side length the model is trained at (informational)
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: list[int] = field(default_factory=lambda: [320, 640, 1280, 1280])
+    down_block_types: list[str] = field(
+        default_factory=lambda: ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    )
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    up_block_types: list[str] = field(
+        default_factory=lambda: ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+    )
+    # The next three are `int` or `list[int]` (one per down block), as in diffusers;
+    # typed Any because OmegaConf cannot express that union.
+    layers_per_block: Any = 2
+    transformer_layers_per_block: Any = 1
+    # diffusers' historical misnomer: this is the NUMBER OF HEADS (head width = channels // heads).
+    attention_head_dim: Any = 8
+    cross_attention_dim: int = 768
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    use_linear_projection: bool = False  # SD1: 1x1 conv proj_in/proj_out; SD2: Linear
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    gradient_checkpointing: bool = False  # recompute resnets/transformers in backward to save memory
+
+    def __post_init__(self) -> None:
+        # configs composed by OmegaConf hand in ListConfig; keep plain python values
+        self.block_out_channels = [int(c) for c in self.block_out_channels]
+        self.down_block_types = [str(t) for t in self.down_block_types]
+        self.up_block_types = [str(t) for t in self.up_block_types]
+        for name in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                setattr(self, name, list(value))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first inconsistent field."""
+        n = len(self.block_out_channels)
+        if n == 0:
+            raise ConfigError("unet.block_out_channels is empty; give one width per resolution level")
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ConfigError(
+                f"unet: block_out_channels ({n}), down_block_types ({len(self.down_block_types)}) and "
+                f"up_block_types ({len(self.up_block_types)}) must have the same length"
+            )
+        for kind, allowed in ((self.down_block_types, DOWN_BLOCK_TYPES), (self.up_block_types, UP_BLOCK_TYPES)):
+            for block_type in kind:
+                if block_type not in allowed:
+                    raise ConfigError(f"unet: unknown block type {block_type!r}; choose from {', '.join(allowed)}")
+        if self.mid_block_type not in MID_BLOCK_TYPES:
+            raise ConfigError(
+                f"unet.mid_block_type {self.mid_block_type!r} is not supported; use {MID_BLOCK_TYPES[0]!r}"
+            )
+        for name in ("in_channels", "out_channels", "cross_attention_dim", "norm_num_groups"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"unet.{name} must be positive, got {getattr(self, name)}")
+        if self.norm_eps <= 0:
+            raise ConfigError(f"unet.norm_eps must be positive, got {self.norm_eps}")
+        self.layers(), self.transformer_layers()  # each checks its own shape
+        heads, attention_levels = self.heads(), self._attention_levels()
+        for i, channels in enumerate(self.block_out_channels):
+            if channels <= 0 or channels % self.norm_num_groups:
+                raise ConfigError(
+                    f"unet.block_out_channels[{i}]={channels} must be a positive multiple of "
+                    f"norm_num_groups={self.norm_num_groups}"
+                )
+            if i in attention_levels and channels % heads[i]:
+                raise ConfigError(
+                    f"unet.block_out_channels[{i}]={channels} is not divisible by its "
+                    f"{heads[i]} attention heads (attention_head_dim)"
+                )
+
+    def _attention_levels(self) -> set[int]:
+        last = len(self.block_out_channels) - 1
+        levels = {last}  # the mid block always attends
+        levels |= {i for i, t in enumerate(self.down_block_types) if t == "CrossAttnDownBlock2D"}
+        levels |= {last - i for i, t in enumerate(self.up_block_types) if t == "CrossAttnUpBlock2D"}
+        return levels
+
+    def _per_block(self, name: str) -> list[int]:
+        value = getattr(self, name)
+        n = len(self.block_out_channels)
+        values = list(value) if isinstance(value, list) else [value] * n
+        if len(values) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ConfigError(f"unet.{name} must be an int or a list of {n} ints (one per block), got {value!r}")
+        if min(values) < 1:
+            raise ConfigError(f"unet.{name} must be >= 1, got {value!r}")
+        return values
+
+    def layers(self) -> list[int]:
+        """Resnets per down block (up blocks have one more)."""
+        return self._per_block("layers_per_block")
+
+    def transformer_layers(self) -> list[int]:
+        """Transformer blocks inside each spatial transformer, per down block."""
+        return self._per_block("transformer_layers_per_block")
+
+    def heads(self) -> list[int]:
+        """Attention heads per down block (diffusers' `attention_head_dim`)."""
+        return self._per_block("attention_head_dim")
+
+    @property
+    def downsample_factor(self) -> int:
+        """How much smaller the deepest feature map is than the input (H and W must divide by it)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def to_diffusers_config(self) -> dict[str, Any]:
+        """Keyword arguments for diffusers' `UNet2DConditionModel` with the same architecture."""
+        config = asdict(self)
+        del config["gradient_checkpointing"]
+        for name, value in config.items():
+            if isinstance(value, list):
+                config[name] = tuple(value)
+        return config
+
+
+def timestep_embedding(
+    timesteps: Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0
+) -> Tensor:
+    """Sinusoidal features of (possibly fractional) timesteps [B] -> [B, dim], as in DDPM/diffusers."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    frequencies = torch.exp(exponent / (half - freq_shift))
+    angles = timesteps[:, None].float() * frequencies[None, :]
+    if flip_sin_to_cos:
+        embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    else:
+        embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+    if dim % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
+
+
+def _run(module: nn.Module, use_checkpoint: bool, *args: Any) -> Tensor:
+    """Call `module`, recomputing it in backward instead of storing activations when asked."""
+    if use_checkpoint and module.training and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_features: int, embed_dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, embed_dim)
+        self.linear_2 = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(features)))
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the time embedding added between, plus a skip."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        # a 1x1 conv only where the width changes, as diffusers (no params otherwise)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return shortcut + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention; keys/values come from `context` (cross) or from `x` itself (self)."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim)])  # ".0" as in diffusers
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        batch, length, width = x.shape
+        return x.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        q, k, v = self._split_heads(self.to_q(x)), self._split_heads(self.to_k(context)), self._split_heads(self.to_v(context))
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
+        batch, _, length, _ = out.shape
+        return self.to_out[0](out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class GEGLU(nn.Module):
+    """Linear to 2x width, then value * GELU(gate)."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        # index 1 is diffusers' dropout slot, kept so that `ff.net.2` keeps its name
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the text, and a GEGLU MLP, each residual."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, context_dim, heads)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """diffusers' Transformer2DModel: run transformer blocks over the H*W pixels as tokens."""
+
+    def __init__(
+        self, channels: int, heads: int, num_layers: int, context_dim: int, groups: int,
+        use_linear_projection: bool, use_checkpoint: bool,
+    ) -> None:
+        super().__init__()
+        self.use_linear_projection = use_linear_projection
+        self.use_checkpoint = use_checkpoint
+        self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_GROUP_NORM_EPS)
+        projection = nn.Linear if use_linear_projection else partial(nn.Conv2d, kernel_size=1)
+        self.proj_in = projection(channels, channels)
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(channels, heads, context_dim) for _ in range(num_layers)]
+        )
+        self.proj_out = projection(channels, channels)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        batch, channels, height, width = x.shape
+        h = self.norm(x)
+        if not self.use_linear_projection:
+            h = self.proj_in(h)
+        h = h.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view when channels_last
+        if self.use_linear_projection:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = _run(block, self.use_checkpoint, h, context)
+        if self.use_linear_projection:
+            h = self.proj_out(h)
+        # back to [B, C, H, W] in the input's memory layout (free when channels_last)
+        h = h.reshape(batch, height, width, channels).permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(x))
+        if not self.use_linear_projection:
+            h = self.proj_out(h)
+        return h + x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        # nearest x2, or to the skip's exact size when an odd side was rounded up on the way down
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+@dataclass
+class _BlockSpec:
+    """What every block of one U-Net shares."""
+
+    temb_channels: int
+    groups: int
+    eps: float
+    context_dim: int
+    use_linear_projection: bool
+    use_checkpoint: bool
+
+    def resnet(self, in_channels: int, out_channels: int) -> ResnetBlock:
+        return ResnetBlock(in_channels, out_channels, self.temb_channels, self.groups, self.eps)
+
+    def transformer(self, channels: int, heads: int, num_layers: int) -> SpatialTransformer:
+        return SpatialTransformer(
+            channels, heads, num_layers, self.context_dim, self.groups,
+            self.use_linear_projection, self.use_checkpoint,
+        )
+
+
+class DownBlock(nn.Module):
+    """CrossAttnDownBlock2D (with `attentions`) or DownBlock2D (without)."""
+
+    def __init__(
+        self, spec: _BlockSpec, in_channels: int, out_channels: int, num_layers: int,
+        cross_attention: bool, heads: int, transformer_layers: int, downsample: bool,
+    ) -> None:
+        super().__init__()
+        self.use_checkpoint = spec.use_checkpoint
+        # registration order (attentions first) reproduces diffusers' state_dict order
+        self.attentions = nn.ModuleList(
+            [spec.transformer(out_channels, heads, transformer_layers) for _ in range(num_layers)]
+            if cross_attention else []
+        )
+        self.resnets = nn.ModuleList(
+            [spec.resnet(in_channels if j == 0 else out_channels, out_channels) for j in range(num_layers)]
+        )
+        self.downsamplers = nn.ModuleList([Downsample(out_channels)] if downsample else [])
+
+    def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Returns the output and every intermediate the up path will concatenate back."""
+        skips = []
+        for j, resnet in enumerate(self.resnets):
+            x = _run(resnet, self.use_checkpoint, x, temb)
+            if self.attentions:
+                x = self.attentions[j](x, context)
+            skips.append(x)
+        for downsampler in self.downsamplers:
+            x = downsampler(x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    """UNetMidBlock2DCrossAttn: resnet, then (transformer, resnet) pairs."""
+
+    def __init__(self, spec: _BlockSpec, channels: int, heads: int, transformer_layers: int) -> None:
+        super().__init__()
+        self.use_checkpoint = spec.use_checkpoint
+        self.attentions = nn.ModuleList([spec.transformer(channels, heads, transformer_layers)])
+        self.resnets = nn.ModuleList([spec.resnet(channels, channels) for _ in range(2)])
+
+    def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> Tensor:
+        x = _run(self.resnets[0], self.use_checkpoint, x, temb)
+        for attention, resnet in zip(self.attentions, self.resnets[1:]):
+            x = _run(resnet, self.use_checkpoint, attention(x, context), temb)
+        return x
+
+
+class UpBlock(nn.Module):
+    """CrossAttnUpBlock2D or UpBlock2D: each resnet first concatenates one skip from the down path."""
+
+    def __init__(
+        self, spec: _BlockSpec, prev_channels: int, out_channels: int, skip_in_channels: int, num_layers: int,
+        cross_attention: bool, heads: int, transformer_layers: int, upsample: bool,
+    ) -> None:
+        super().__init__()
+        self.use_checkpoint = spec.use_checkpoint
+        self.attentions = nn.ModuleList(
+            [spec.transformer(out_channels, heads, transformer_layers) for _ in range(num_layers)]
+            if cross_attention else []
+        )
+        resnets = []
+        for j in range(num_layers):
+            # the last skip of a level comes from the level above (its downsampler or conv_in)
+            skip_channels = skip_in_channels if j == num_layers - 1 else out_channels
+            resnets.append(spec.resnet((prev_channels if j == 0 else out_channels) + skip_channels, out_channels))
+        self.resnets = nn.ModuleList(resnets)
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)] if upsample else [])
+
+    def forward(
+        self, x: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor, upsample_size: tuple[int, int] | None
+    ) -> Tensor:
+        """`skips` in the order they are consumed (most recent first)."""
+        for j, (resnet, skip) in enumerate(zip(self.resnets, skips, strict=True)):
+            x = _run(resnet, self.use_checkpoint, torch.cat([x, skip], dim=1), temb)
+            if self.attentions:
+                x = self.attentions[j](x, context)
+        for upsampler in self.upsamplers:
+            x = upsampler(x, upsample_size)
+        return x
+
+
+class UNet(nn.Module):
+    """eps/v-prediction U-Net: forward(sample [B,C,H,W], timestep, encoder_hidden_states [B,L,D])."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        channels = config.block_out_channels
+        layers, transformer_layers, heads = config.layers(), config.transformer_layers(), config.heads()
+        time_embed_dim = channels[0] * 4
+        spec = _BlockSpec(
+            temb_channels=time_embed_dim, groups=config.norm_num_groups, eps=config.norm_eps,
+            context_dim=config.cross_attention_dim, use_linear_projection=config.use_linear_projection,
+            use_checkpoint=config.gradient_checkpointing,
+        )
+        last = len(channels) - 1
+
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim)
+
+        # registered before mid_block, as diffusers does, so state_dict orders match
+        self.down_blocks = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        for i, block_type in enumerate(config.down_block_types):
+            self.down_blocks.append(DownBlock(
+                spec, channels[max(i - 1, 0)], channels[i], layers[i],
+                cross_attention=block_type == "CrossAttnDownBlock2D", heads=heads[i],
+                transformer_layers=transformer_layers[i], downsample=i < last,
+            ))
+
+        self.mid_block = MidBlock(spec, channels[-1], heads[-1], transformer_layers[-1])
+
+        # up block i mirrors down block (last - i)
+        for i, block_type in enumerate(config.up_block_types):
+            level = last - i
+            self.up_blocks.append(UpBlock(
+                spec, prev_channels=channels[min(level + 1, last)], out_channels=channels[level],
+                skip_in_channels=channels[max(level - 1, 0)], num_layers=layers[level] + 1,
+                cross_attention=block_type == "CrossAttnUpBlock2D", heads=heads[level],
+                transformer_layers=transformer_layers[level], upsample=i < last,
+            ))
+
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, sample: Tensor, timestep: Tensor | float | int, encoder_hidden_states: Tensor) -> Tensor:
+        timesteps = torch.as_tensor(timestep, device=sample.device)
+        timesteps = timesteps.reshape(-1).expand(sample.shape[0])  # a scalar applies to the whole batch
+        time_features = timestep_embedding(
+            timesteps, self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift
+        )
+        temb = self.time_embedding(time_features.to(sample.dtype))
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb, encoder_hidden_states)
+            skips.extend(block_skips)
+
+        x = self.mid_block(x, temb, encoder_hidden_states)
+
+        for block in self.up_blocks:
+            block_skips = [skips.pop() for _ in block.resnets]
+            upsample_size = skips[-1].shape[-2:] if skips else None  # the next level's resolution
+            x = block(x, block_skips, temb, encoder_hidden_states, upsample_size)
+
+        return self.conv_out(F.silu(self.conv_norm_out(x)))

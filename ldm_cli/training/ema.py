@@ -1,0 +1,35 @@
+"""Exponential moving average of model weights (the weights sampling uses)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {name: p.detach().clone().float() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        names = list(self.shadow)
+        params = dict(model.named_parameters())
+        current = [params[name].detach().float() for name in names]
+        torch._foreach_lerp_([self.shadow[name] for name in names], current, 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise KeyError(f"EMA state lacks {sorted(missing)[:3]}")
+        self.shadow = {name: state[name].clone().float() for name in self.shadow}
+
+    def weights_for(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The model's full state dict with EMA parameters in place of the trained ones."""
+        state = model.state_dict()
+        for name, value in self.shadow.items():
+            state[name] = value.to(state[name].dtype)
+        return state

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny datasets and configs that keep every test on the CPU and fast."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    """24 captioned 16x16 shape images (the built-in dataset, tiny)."""
+    from ldm_cli.data.shapes import write_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(root, 24, 16, seed=0)
+    return root
+
+
+TINY_VAE_OVERRIDES = [
+    "autoencoder.block_out_channels=[8,16]",
+    "autoencoder.layers_per_block=1",
+    "autoencoder.norm_num_groups=4",
+    "data.resolution=16",
+    "train=vae_tiny",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "train.eval_every=2",
+    "train.eval_batches=1",
+    "train.image_every=2",
+    "train.checkpoint_every=2",
+    "train.precision=fp32",
+    "loss=vae_tiny",
+    "loss.perceptual_weight=0",
+    "loss.disc_start=1",
+    "loss.disc.base_channels=8",
+]
