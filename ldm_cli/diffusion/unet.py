@@ -118,7 +118,7 @@ class UNetConfig:
     def _per_block(self, name: str) -> list[int]:
         value = getattr(self, name)
         n = len(self.block_out_channels)
-        values = list(value) if isinstance(value, list) else [value] * n
+        values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value] * n
         if len(values) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             raise ConfigError(f"unet.{name} must be an int or a list of {n} ints (one per block), got {value!r}")
         if min(values) < 1:
@@ -228,7 +228,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
-        q, k, v = self._split_heads(self.to_q(x)), self._split_heads(self.to_k(context)), self._split_heads(self.to_v(context))
+        q = self._split_heads(self.to_q(x))
+        k, v = self._split_heads(self.to_k(context)), self._split_heads(self.to_v(context))
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
         batch, _, length, _ = out.shape
         return self.to_out[0](out.transpose(1, 2).reshape(batch, length, -1))
@@ -305,7 +306,8 @@ class SpatialTransformer(nn.Module):
         if self.use_linear_projection:
             h = self.proj_out(h)
         # back to [B, C, H, W] in the input's memory layout (free when channels_last)
-        h = h.reshape(batch, height, width, channels).permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(x))
+        h = h.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+        h = h.contiguous(memory_format=_memory_format(x))
         if not self.use_linear_projection:
             h = self.proj_out(h)
         return h + x

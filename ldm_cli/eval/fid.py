@@ -68,7 +68,8 @@ def frechet_distance(
     """Fréchet distance of two Gaussians: |μ1 − μ2|² + tr(Σ1 + Σ2 − 2 sqrt(Σ1 Σ2)), in float64."""
     mu1, sigma1, mu2, sigma2 = (_as_float64(a) for a in (mu1, sigma1, mu2, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0], mu1.shape[0]):
-        raise ValueError(f"mismatched statistics: mu {tuple(mu1.shape)}/{tuple(mu2.shape)}, sigma {tuple(sigma1.shape)}/{tuple(sigma2.shape)}")
+        shapes = [tuple(a.shape) for a in (mu1, mu2, sigma1, sigma2)]
+        raise ValueError(f"mismatched statistics: mu {shapes[0]}/{shapes[1]}, sigma {shapes[2]}/{shapes[3]}")
     trace_sqrt = _trace_sqrt_product_scipy(sigma1, sigma2) if method == "scipy" else _trace_sqrt_product(sigma1, sigma2)
     mean_term = (mu1 - mu2).square().sum()
     return float(mean_term + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt.to(mu1.device))
@@ -152,7 +153,11 @@ def _to_batch(images: list[Tensor], device: torch.device) -> Tensor:
 
 @torch.inference_mode()
 def extract_features(
-    paths: list[Path], inception: InceptionFeatures, batch_size: int = 50, device: str | torch.device = "cpu", num_workers: int = 0
+    paths: list[Path],
+    inception: InceptionFeatures,
+    batch_size: int = 50,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
 ) -> Tensor:
     """Inception pool features `[N, 2048]` (float32, CPU) of image files."""
     device = torch.device(device)
@@ -180,7 +185,8 @@ def compute_fid_kid(
     for name, folder in (("real", real_dir), ("fake", fake_dir)):
         paths = list_images(folder)
         if len(paths) < 2:
-            raise DataError(f"{name} image folder {folder} has {len(paths)} images ({'/'.join(IMAGE_SUFFIXES)}); FID/KID need at least 2")
+            suffixes = "/".join(IMAGE_SUFFIXES)
+            raise DataError(f"{name} image folder {folder} has {len(paths)} images ({suffixes}); FID/KID need at least 2")
         features[name] = extract_features(paths, inception, batch_size, device, num_workers)
 
     fid = frechet_distance(*feature_statistics(features["real"]), *feature_statistics(features["fake"]))

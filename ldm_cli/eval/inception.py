@@ -199,7 +199,8 @@ def detect_layout(state_dict: dict[str, Tensor]) -> Layout:
         if num_classes == expected:
             return layout  # type: ignore[return-value]
     raise BundleError(
-        f"not an Inception-v3 state_dict (fc.weight has {num_classes} classes, expected 1008 for pytorch-fid or 1000 for torchvision)"
+        f"not an Inception-v3 state_dict (fc.weight has {num_classes} classes, "
+        "expected 1008 for pytorch-fid or 1000 for torchvision)"
     )
 
 
@@ -211,11 +212,14 @@ def _find_default_weights(layouts: list[str]) -> Path:
             return candidate
     looked_for = "; ".join(f"{checkpoints / WEIGHT_FILES[layout][0]} (from {WEIGHT_FILES[layout][1]})" for layout in layouts)
     raise MissingWeightsError(
-        f"Inception weights not found; looked for {looked_for} — copy one there or pass its path with {WEIGHTS_OPTION} (never downloaded)"
+        f"Inception weights not found; looked for {looked_for} — "
+        f"copy one there or pass its path with {WEIGHTS_OPTION} (never downloaded)"
     )
 
 
-def load_inception(path: str | os.PathLike | None = None, layout: Literal["auto", "torchvision", "pytorch-fid"] = "auto") -> InceptionFeatures:
+def load_inception(
+    path: str | os.PathLike | None = None, layout: Literal["auto", "torchvision", "pytorch-fid"] = "auto"
+) -> InceptionFeatures:
     """Build the feature extractor from a weight file (`.pth` or `.safetensors`), on CPU.
 
     path None looks in `torch.hub.get_dir()/checkpoints/` for the file(s) of `layout`;
@@ -228,8 +232,9 @@ def load_inception(path: str | os.PathLike | None = None, layout: Literal["auto"
     else:
         weights_path = Path(path).expanduser()
         if not weights_path.is_file():
+            sources = " or ".join(url for _, url in WEIGHT_FILES.values())
             raise MissingWeightsError(
-                f"Inception weights {weights_path} do not exist; get {' or '.join(url for _, url in WEIGHT_FILES.values())} and pass its path with {WEIGHTS_OPTION}"
+                f"Inception weights {weights_path} do not exist; get {sources} and pass its path with {WEIGHTS_OPTION}"
             )
     state_dict = _read_state_dict(weights_path)
     found_layout = detect_layout(state_dict)

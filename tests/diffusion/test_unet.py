@@ -57,6 +57,10 @@ def _pair(config: UNetConfig) -> tuple[torch.nn.Module, UNet]:
     return reference, ours
 
 
+def _shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
+    return {name: tensor.shape for name, tensor in model.state_dict().items()}
+
+
 def _load_preset(name: str) -> UNetConfig:
     merged = OmegaConf.merge(OmegaConf.structured(UNetConfig), OmegaConf.load(PRESETS / f"{name}.yaml"))
     return OmegaConf.to_object(merged)
@@ -67,7 +71,7 @@ def test_matches_diffusers_outputs_and_names(case: str) -> None:
     config = REFERENCE_CASES[case]
     reference, ours = _pair(config)
     assert list(ours.state_dict()) == list(reference.state_dict())
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    assert _shapes(ours) == _shapes(reference)
 
     generator = torch.Generator().manual_seed(1)
     context = torch.randn(2, 7, config.cross_attention_dim, generator=generator)
@@ -103,7 +107,8 @@ def test_our_weights_load_into_diffusers_strictly() -> None:
     reference.load_state_dict(ours.state_dict(), strict=True)
     sample, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
     with torch.no_grad():
-        torch.testing.assert_close(ours(sample, 10, context), reference(sample, 10, context).sample, atol=1e-5, rtol=1e-5)
+        expected = reference(sample, 10, context).sample
+        torch.testing.assert_close(ours(sample, 10, context), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dim, flip, shift", [(32, True, 0), (33, False, 1), (8, True, 1)])
@@ -123,7 +128,7 @@ def test_sd15_has_exact_parameter_count_and_diffusers_names() -> None:
         reference = diffusers.UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
     assert ours.num_parameters() == SD15_PARAMETERS
     assert sum(p.numel() for p in reference.parameters()) == SD15_PARAMETERS
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    assert _shapes(ours) == _shapes(reference)
     assert ours.downsample_factor == 8
     with torch.no_grad():
         out = ours(torch.empty(2, 4, 64, 64, device="meta"), 999, torch.empty(2, 77, 768, device="meta"))

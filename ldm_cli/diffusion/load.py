@@ -1,0 +1,114 @@
+"""Latent-diffusion bundles: what `train-diffusion` and `convert` write and sampling reads.
+
+Layout of a `latent-diffusion` bundle directory:
+    bundle.json       kind, unet/schedule/text_encoder configs, latent scale, resolution, hashes
+    unet.safetensors  U-Net weights (EMA when training used EMA), diffusers parameter names
+    autoencoder/      the autoencoder bundle it was trained with (copied, so the bundle is whole)
+    text_encoder/     the text encoder in Hugging Face layout, when it is not a hub model
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder
+from ldm_cli.bundle import Bundle, load_bundle, write_bundle
+from ldm_cli.config import from_dict, to_dict
+from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig
+from ldm_cli.diffusion.text import TextEncoder, TextEncoderConfig, load_text_encoder, save_text_encoder
+from ldm_cli.diffusion.unet import UNet, UNetConfig
+from ldm_cli.errors import BundleError
+
+BUNDLED_TEXT_ENCODER = "text_encoder"
+
+
+@dataclass
+class LatentDiffusion:
+    """Everything sampling needs, loaded: U-Net, schedule, text encoder, autoencoder."""
+
+    bundle: Bundle
+    unet: UNet
+    schedule: NoiseSchedule
+    text_encoder: TextEncoder
+    autoencoder: LoadedAutoencoder
+
+    @property
+    def resolution(self) -> int:
+        return int(self.bundle.meta["resolution"])
+
+    @property
+    def latent_channels(self) -> int:
+        return self.autoencoder.latent_channels
+
+    @property
+    def downsampling_factor(self) -> int:
+        return self.autoencoder.downsampling_factor
+
+
+def build_unet(config: UNetConfig, weights: dict[str, torch.Tensor]) -> UNet:
+    unet = UNet(config)
+    try:
+        unet.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise BundleError(f"U-Net weights do not match its config: {str(error).splitlines()[0]}") from error
+    return unet
+
+
+def text_encoder_config(bundle: Bundle) -> TextEncoderConfig:
+    config = from_dict(bundle.meta["text_encoder"], TextEncoderConfig)
+    if bundle.meta.get("text_encoder_bundled"):
+        config.pretrained, config.tiny = str(bundle.path / BUNDLED_TEXT_ENCODER), False
+    return config
+
+
+def load_latent_diffusion(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+    bundle = load_bundle(path, kind="latent-diffusion")
+    meta = bundle.meta
+    unet = build_unet(from_dict(meta["unet"], UNetConfig), bundle.tensors("unet")).to(device=device, dtype=dtype).eval()
+    unet.requires_grad_(False)
+    schedule = NoiseSchedule(from_dict(meta["schedule"], ScheduleConfig)).to(device)
+    text_encoder = load_text_encoder(text_encoder_config(bundle), device=device, dtype=dtype)
+    autoencoder_dir = bundle.path / meta["autoencoder"]["path"]
+    autoencoder = load_autoencoder(autoencoder_dir, device=device, dtype=dtype)
+    if autoencoder.bundle.content_hash != meta["autoencoder"]["content_hash"]:
+        raise BundleError(f"the autoencoder in {autoencoder_dir} is not the one this model was trained with (content hash differs)")
+    return LatentDiffusion(bundle, unet, schedule, text_encoder, autoencoder)
+
+
+def write_latent_diffusion_bundle(
+    directory: Path,
+    unet_weights: dict[str, torch.Tensor],
+    unet_config: UNetConfig,
+    schedule_config: ScheduleConfig,
+    text_config: TextEncoderConfig,
+    text_encoder: TextEncoder | None,
+    autoencoder: Bundle,
+    extra: dict | None = None,
+) -> Bundle:
+    """Write a complete bundle. The text encoder is copied in unless it is a hub id
+    (then `text_encoder` may be None and only its config is stored)."""
+    bundle_text = text_config.tiny or (text_config.pretrained is not None and Path(text_config.pretrained).expanduser().exists())
+    with tempfile.TemporaryDirectory() as scratch:
+        folders = {"autoencoder": autoencoder.path}
+        if bundle_text:
+            if text_encoder is None:
+                raise ValueError("a local or random text encoder must be passed to be bundled")
+            folders[BUNDLED_TEXT_ENCODER] = save_text_encoder(text_encoder, Path(scratch) / BUNDLED_TEXT_ENCODER)
+        meta = {
+            "unet": to_dict(unet_config),
+            "schedule": to_dict(schedule_config),
+            "text_encoder": to_dict(text_config),
+            "text_encoder_bundled": bool(bundle_text),
+            "autoencoder": {"path": "autoencoder", "content_hash": autoencoder.content_hash},
+            "latent_scale": autoencoder.meta["latent_scale"],
+            "latent_shift": autoencoder.meta.get("latent_shift", 0.0),
+            "latent_channels": unet_config.in_channels,
+            "resolution": autoencoder.meta["resolution"],
+            **(extra or {}),
+        }
+        return write_bundle(directory, "latent-diffusion", {"unet": unet_weights}, meta, folders=folders)
+
