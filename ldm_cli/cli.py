@@ -92,6 +92,28 @@ def eval_vae(
     typer.echo(json.dumps(metrics, indent=2) if as_json else "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in metrics.items()))
 
 
+@app.command("eval-samples")
+def eval_samples(
+    real: Path = typer.Option(..., "--real", help="Folder of real images."),
+    fake: Path = typer.Option(..., "--fake", help="Folder of generated images."),
+    inception: Optional[Path] = typer.Option(None, "--inception", help="Inception weights (torchvision or pytorch-fid file)."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    device: str = DEVICE,
+) -> None:
+    """FID and KID between two image folders (Inception features)."""
+    import json
+
+    from ldm_cli.eval.fid import compute_fid_kid
+    from ldm_cli.eval.inception import load_inception
+    from ldm_cli.training.precision import resolve_device
+
+    target = resolve_device(device)
+    network = load_inception(str(inception) if inception else None).to(target)
+    metrics = compute_fid_kid(real, fake, network, batch_size=batch_size, device=target)
+    typer.echo(json.dumps(metrics, indent=2) if as_json else "\n".join(f"{k}: {v}" for k, v in metrics.items()))
+
+
 @data_app.command("shapes")
 def data_shapes(
     out: Path = typer.Option(..., "--out", help="Folder to write the images and metadata.jsonl into."),
@@ -154,6 +176,124 @@ def train_diffusion(
 
     bundle = train_unet(config, latents, out, list(overrides or []), resume=resume, device_name=device, init_from=init_from)
     typer.echo(f"latent-diffusion bundle: {bundle}")
+
+
+# options shared by `sample` and `img2img`
+PROMPT = typer.Option(None, "--prompt", help='Text prompt; repeat for several. --prompt "" samples unconditionally.')
+PROMPT_FILE = typer.Option(None, "--prompt-file", help="A text file with one prompt per line.")
+NEGATIVE_PROMPT = typer.Option("", "--negative-prompt", help="What to steer away from (the unconditional branch).")
+NUM_IMAGES = typer.Option(1, "-n", "--num-images", help="Images per prompt (img2img: per prompt and init image).")
+BATCH_SIZE = typer.Option(1, "--batch-size", help="Images per forward pass: faster on a GPU; pixels then match batch size 1 up to rounding.")
+STEPS = typer.Option(30, "--steps", help="Sampling steps.")
+GUIDANCE = typer.Option(7.5, "--guidance-scale", help="Classifier-free guidance scale; 1 turns guidance off.")
+SAMPLER = typer.Option("dpmpp_2m", "--sampler", help="ddim | ddpm | euler | euler_ancestral | heun | dpmpp_2m | dpmpp_2m_sde")
+SEED = typer.Option(0, "--seed", help="Image i of the run uses seed SEED+i; a negative seed picks one at random.")
+HEIGHT = typer.Option(None, "--height", help="Pixels; a multiple of the autoencoder's factor. Default: the model's resolution.")
+WIDTH = typer.Option(None, "--width", help="Pixels; a multiple of the autoencoder's factor. Default: the model's resolution.")
+ETA = typer.Option(None, "--eta", help="Noise of ancestral/SDE/DDIM samplers (default: the sampler's own).")
+PRECISION = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16 (fp16 on CUDA only)")
+GRID = typer.Option(False, "--grid", help="Also write a contact sheet of the run's images.")
+JSON_SIDECAR = typer.Option(False, "--json", help="Also write each image's metadata as a .json beside it.")
+SAMPLE_OUT = typer.Option(..., "--out", help="Output folder; existing files are never overwritten.")
+
+
+@app.command("sample")
+def sample(
+    model: Optional[Path] = typer.Option(None, "--model", help="Latent-diffusion run directory or bundle."),
+    prompt: Optional[list[str]] = PROMPT,
+    prompt_file: Optional[Path] = PROMPT_FILE,
+    negative_prompt: str = NEGATIVE_PROMPT,
+    num_images: int = NUM_IMAGES,
+    batch_size: int = BATCH_SIZE,
+    steps: int = STEPS,
+    guidance_scale: float = GUIDANCE,
+    sampler: str = SAMPLER,
+    seed: int = SEED,
+    height: Optional[int] = HEIGHT,
+    width: Optional[int] = WIDTH,
+    eta: Optional[float] = ETA,
+    precision: str = PRECISION,
+    device: str = DEVICE,
+    grid: bool = GRID,
+    as_json: bool = JSON_SIDECAR,
+    out: Path = SAMPLE_OUT,
+    replay: Optional[Path] = typer.Option(None, "--replay", help="Remake an image from its PNG metadata (all other settings come from it)."),
+    config_dir: Optional[Path] = CONFIG_DIR,
+    show_config: bool = SHOW_CONFIG,
+    overrides: Optional[list[str]] = OVERRIDES,
+) -> None:
+    """Text → images with a trained latent-diffusion model; each PNG carries its settings."""
+    config = _config("sample", overrides, config_dir, [], show_config)
+    from ldm_cli.sampling.commands import SampleRequest, run_replay, run_sample
+
+    if replay is not None:
+        if prompt or prompt_file:
+            raise UsageError("--replay takes the prompt and every setting from the image; drop --prompt/--prompt-file")
+        written = run_replay(replay, out, config, model=model, device_name=device, json_sidecar=as_json)
+    else:
+        written = run_sample(SampleRequest(
+            out=out, model=model, prompts=list(prompt or []), prompt_file=prompt_file, negative_prompt=negative_prompt,
+            num_images=num_images, batch_size=batch_size, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+            seed=seed, height=height, width=width, eta=eta, precision=precision, device=device, grid=grid,
+            json_sidecar=as_json,
+        ), config)
+    typer.echo(written.summary())
+
+
+@app.command("img2img")
+def img2img(
+    model: Path = typer.Option(..., "--model", help="Latent-diffusion run directory or bundle."),
+    init: Path = typer.Option(..., "--init", help="An init image, or a folder of them (each is used)."),
+    strength: float = typer.Option(0.75, "--strength", help="How much to change the image: 0 keeps it, 1 ignores it."),
+    prompt: Optional[list[str]] = PROMPT,
+    prompt_file: Optional[Path] = PROMPT_FILE,
+    negative_prompt: str = NEGATIVE_PROMPT,
+    num_images: int = NUM_IMAGES,
+    batch_size: int = BATCH_SIZE,
+    steps: int = STEPS,
+    guidance_scale: float = GUIDANCE,
+    sampler: str = SAMPLER,
+    seed: int = SEED,
+    height: Optional[int] = typer.Option(None, "--height", help="Resize and centre-crop the init to this height (default: keep its size)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Resize and centre-crop the init to this width (default: keep its size)."),
+    eta: Optional[float] = ETA,
+    precision: str = PRECISION,
+    device: str = DEVICE,
+    grid: bool = GRID,
+    as_json: bool = JSON_SIDECAR,
+    out: Path = SAMPLE_OUT,
+    config_dir: Optional[Path] = CONFIG_DIR,
+    show_config: bool = SHOW_CONFIG,
+    overrides: Optional[list[str]] = OVERRIDES,
+) -> None:
+    """Image + text → images (SDEdit): noise the init's latent to --strength, then denoise it."""
+    config = _config("sample", overrides, config_dir, [], show_config)
+    from ldm_cli.sampling.commands import SampleRequest, run_img2img
+
+    written = run_img2img(SampleRequest(
+        out=out, model=model, prompts=list(prompt or []), prompt_file=prompt_file, negative_prompt=negative_prompt,
+        num_images=num_images, batch_size=batch_size, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+        seed=seed, height=height, width=width, eta=eta, precision=precision, device=device, grid=grid,
+        json_sidecar=as_json, init=init, strength=strength,
+    ), config)
+    typer.echo(written.summary())
+
+
+@app.command("convert")
+def convert_command(
+    source: Path = typer.Option(..., "--from", help="SD .safetensors/.ckpt, diffusers folder, VAE file/folder, or an ldm bundle (to export)."),
+    out: Path = typer.Option(..., "--out", help="Bundle directory, diffusers folder, or .safetensors file to create (must not exist)."),
+    to: str = typer.Option("ldm", "--to", help="ldm (import) | diffusers | sd-single-file"),
+    prediction_type: Optional[str] = typer.Option(None, "--prediction-type", help="epsilon | v_prediction (default: the source's, else epsilon)."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA U-Net of an original SD file when it has one."),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Hub id or folder: the tokenizer for a single file's CLIP weights, or the text encoder when the source has none."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Image side the model was trained at (default: the source's, else 512)."),
+) -> None:
+    """Import Stable Diffusion checkpoints as ldm bundles, or export a bundle to diffusers / one SD file."""
+    from ldm_cli.interop.convert import ImportOptions, convert_model
+
+    options = ImportOptions(prediction_type=prediction_type, use_ema=ema, text_encoder=text_encoder, resolution=resolution)
+    convert_model(source, out, to=to, options=options, log=typer.echo)
 
 
 def main() -> None:

@@ -46,7 +46,9 @@ def build_autoencoder(meta: dict, weights: dict[str, torch.Tensor]) -> Autoencod
 
 
 def load_autoencoder(path: str | Path | Bundle, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedAutoencoder:
-    bundle = path if isinstance(path, Bundle) else load_bundle(path, kind="autoencoder")
+    bundle = path if isinstance(path, Bundle) else load_bundle(path)
+    if bundle.kind == "latent-diffusion":  # a full model: use the autoencoder it carries
+        bundle = load_bundle(bundle.path / bundle.meta["autoencoder"]["path"], kind="autoencoder")
     model = build_autoencoder(bundle.meta, bundle.tensors("autoencoder")).to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     meta = bundle.meta

@@ -48,7 +48,7 @@ WEIGHT_FILES: dict[str, tuple[str, str]] = {
     ),
 }
 NUM_CLASSES = {"pytorch-fid": 1008, "torchvision": 1000}
-WEIGHTS_OPTION = "eval.inception_weights=PATH"
+WEIGHTS_OPTION = "--inception PATH"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -21,8 +21,10 @@ CONFIG_FILE = "config.yaml"
 MUTABLE_SECTIONS = ("train",)
 
 
-def open_run(out: Path, command: str, fresh_config: Any, overrides: list[str], resume: bool = False) -> tuple[Any, bool]:
-    """Return (config, resuming) for a run in `out`."""
+def open_run(
+    out: Path, command: str, fresh_config: Any, overrides: list[str], resume: bool = False, write: bool = True
+) -> tuple[Any, bool]:
+    """Return (config, resuming) for a run in `out`; `write=False` only reads (non-main processes)."""
     out = Path(out)
     saved_file = out / CONFIG_FILE
     if not saved_file.is_file():
@@ -53,7 +55,8 @@ def open_run(out: Path, command: str, fresh_config: Any, overrides: list[str], r
             f"the run in {out} is complete ({config.train.max_steps} steps); choose a new --out, "
             "or continue it with --resume train.max_steps=<more>"
         )
-    write_config(out, command, config)
+    if write:
+        write_config(out, command, config)
     return config, CheckpointManager(out).latest() is not None
 
 

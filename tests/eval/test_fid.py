@@ -21,7 +21,6 @@ from ldm_cli.eval.inception import (
     FIDInceptionC,
     FIDInceptionE_1,
     FIDInceptionE_2,
-    InceptionFeatures,
     fid_inception_v3,
     load_inception,
 )
@@ -263,7 +262,7 @@ def test_missing_weights_name_the_files(hub_dir):
     checkpoints = hub_dir / "checkpoints"
     assert str(checkpoints / PYTORCH_FID_FILE) in message and str(checkpoints / TORCHVISION_FILE) in message
     assert "github.com/mseitzer/pytorch-fid" in message and "download.pytorch.org" in message
-    assert "eval.inception_weights=" in message
+    assert "--inception PATH" in message
     with pytest.raises(MissingWeightsError, match=TORCHVISION_FILE) as error:
         load_inception(None, layout="torchvision")
     assert PYTORCH_FID_FILE not in str(error.value)

@@ -1,0 +1,286 @@
+"""`ldm train-diffusion`: one U-Net step on cached latents, plugged into the shared training loop.
+
+Randomness (latent samples, timesteps, noise, caption dropout) is drawn per (seed, step,
+micro-batch) for the whole global batch and sliced per process, so a resumed run and a
+`torchrun` run see exactly the draws a single uninterrupted process would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder
+from ldm_cli.config import TrainDiffusionConfig, from_dict, to_dict
+from ldm_cli.diffusion.load import load_latent_diffusion, text_encoder_config, write_latent_diffusion_bundle
+from ldm_cli.diffusion.loss import diffusion_loss
+from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig
+from ldm_cli.diffusion.text import TextEncoder, load_text_encoder
+from ldm_cli.diffusion.unet import UNet
+from ldm_cli.errors import IncompatibleError
+from ldm_cli.grid import labelled_grid, save_image
+from ldm_cli.latents.dataset import LatentDataset, collate_latents
+from ldm_cli.sampling.denoiser import Denoiser, get_sigmas
+from ldm_cli.sampling.samplers import sample_ddim
+from ldm_cli.training.distributed import DistInfo, barrier, device_for, init_distributed
+from ldm_cli.training.ema import EMA
+from ldm_cli.training.loop import train_loop
+from ldm_cli.training.precision import autocast, grad_scaler, resolve_device, resolve_precision
+from ldm_cli.training.run_dir import open_run
+
+
+class TextConditioning:
+    """Caption → embedding: from the latent dataset's cache when it was made with this encoder,
+    else from the frozen encoder, memoised (captions repeat every epoch)."""
+
+    def __init__(self, encoder: TextEncoder, device: torch.device, cached_uncond: torch.Tensor | None = None) -> None:
+        self.encoder, self.device, self.memo = encoder, device, {}
+        self.use_cache = cached_uncond is not None
+        self.uncond = cached_uncond.to(device).float() if self.use_cache else self.encode([""])[0]
+
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        missing = [c for c in dict.fromkeys(captions) if c not in self.memo]
+        if missing:
+            if len(self.memo) > 50_000:  # bound the memory on huge caption sets
+                self.memo.clear()
+            self.memo.update(zip(missing, self.encoder.encode(missing).float().to(self.device)))
+        return torch.stack([self.memo[c] for c in captions])
+
+    def __call__(self, batch: dict[str, Any], keep: torch.Tensor) -> torch.Tensor:
+        """Embeddings for a batch, with dropped captions replaced by the empty prompt's."""
+        context = batch["text"].to(self.device).float() if self.use_cache else self.encode(batch["caption"])
+        return torch.where(keep.view(-1, 1, 1), context, self.uncond.expand_as(context))
+
+
+class DiffusionTrainer:
+    def __init__(
+        self,
+        config: TrainDiffusionConfig,
+        data: LatentDataset,
+        autoencoder: LoadedAutoencoder,
+        conditioning: TextConditioning,
+        device: torch.device,
+        dist: DistInfo,
+        init_weights: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        train = config.train
+        self.config, self.data, self.autoencoder, self.conditioning = config, data, autoencoder, conditioning
+        self.device, self.dist = device, dist
+        self.precision = resolve_precision(train.precision, device)
+        self.memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
+        self.schedule = NoiseSchedule(config.schedule).to(device)
+        torch.manual_seed(train.seed)
+        self.unet = UNet(config.unet)
+        if init_weights is not None:
+            self.unet.load_state_dict(init_weights)
+        self.unet.to(device, memory_format=self.memory_format)
+        self.model = DistributedDataParallel(self.unet) if dist.enabled else self.unet
+        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=train.lr, betas=tuple(train.adam_betas), weight_decay=train.weight_decay)
+        warmup = max(train.warmup_steps, 1)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        self.scaler = grad_scaler(self.precision, device)
+        self.ema = EMA(self.unet, train.ema_decay) if train.ema_decay else None
+        self.latent_scale, self.latent_shift = data.latent_scale, data.latent_shift
+
+    def _draws(self, batch: dict[str, Any], step: int, micro: int) -> tuple[torch.Tensor, ...]:
+        """This process's slice of the global batch's random draws for (step, micro-batch)."""
+        generator = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + step * 1009 + micro)
+        local, world = batch["mean"].shape[0], self.dist.world_size
+        shape = (local * world, *batch["mean"].shape[1:])
+        posterior_noise = torch.randn(shape, generator=generator)
+        noise = torch.randn(shape, generator=generator)
+        offset = torch.randn(shape[:2] + (1, 1), generator=generator)
+        timesteps = torch.randint(0, self.schedule.num_train_timesteps, (shape[0],), generator=generator)
+        keep = torch.rand(shape[0], generator=generator) >= self.config.objective.caption_dropout
+        part = slice(self.dist.rank * local, (self.dist.rank + 1) * local)
+        return tuple(t[part].to(self.device) for t in (posterior_noise, noise, offset, timesteps, keep))
+
+    def _loss(self, model: torch.nn.Module, batch: dict[str, Any], draws: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        posterior_noise, noise, offset, timesteps, keep = draws
+        mean, logvar = batch["mean"].to(self.device), batch["logvar"].to(self.device)
+        x0 = (mean + torch.exp(0.5 * logvar) * posterior_noise - self.latent_shift) * self.latent_scale
+        noise = noise + self.config.objective.offset_noise * offset  # offset noise (Guttenberg 2023)
+        x_t = self.schedule.add_noise(x0, noise, timesteps).contiguous(memory_format=self.memory_format)
+        context = self.conditioning(batch, keep)
+        with autocast(self.precision, self.device):
+            prediction = model(x_t, timesteps, context)
+        target = self.schedule.target(x0, noise, timesteps)
+        return diffusion_loss(prediction.float(), target, timesteps, self.schedule, self.config.objective.min_snr_gamma)
+
+    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, float]:
+        self.model.train()
+        total = 0.0
+        for micro, batch in enumerate(micro_batches):
+            loss = self._loss(self.model, batch, self._draws(batch, step, micro)) / len(micro_batches)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += float(loss.detach())
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.config.train.grad_clip or float("inf"))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_schedule.step()
+        if self.ema:
+            self.ema.update(self.unet)
+        return {"loss": total, "grad_norm": float(grad_norm), "lr": self.lr_schedule.get_last_lr()[0]}
+
+    def eval_unet(self) -> UNet:
+        if self.ema is None:
+            return self.unet
+        unet = UNet(self.config.unet).to(self.device)
+        unet.load_state_dict(self.ema.weights_for(self.unet))
+        return unet
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Loss at fixed timesteps and fixed noise on the first items: comparable across steps."""
+        unet = self.eval_unet().eval()
+        count = min(len(self.data), self.config.train.eval_batches * self.config.train.batch_size)
+        batch = collate_latents([self.data[i] for i in range(count)])
+        generator = torch.Generator().manual_seed(1234)
+        results = {}
+        for t in self.config.objective.validation_loss_timesteps:
+            shape = batch["mean"].shape
+            draws = (
+                torch.zeros(shape), torch.randn(shape, generator=generator), torch.zeros(shape[:2] + (1, 1)),
+                torch.full((count,), int(t), dtype=torch.long), torch.ones(count, dtype=torch.bool),
+            )
+            results[f"val_loss_t{t}"] = float(self._loss(unet, batch, tuple(d.to(self.device) for d in draws)))
+        results["val_loss"] = sum(results.values()) / len(results)
+        return results
+
+    @torch.no_grad()
+    def write_images(self, step: int, path: Path) -> None:
+        """Validation prompts through a short DDIM run with classifier-free guidance."""
+        unet = self.eval_unet().eval()
+        objective = self.config.objective
+        prompts = [p for p in objective.validation_prompts for _ in range(4)]
+        context = self.conditioning.encode(prompts).to(self.device)
+        uncond = self.conditioning.uncond.expand_as(context)
+        scale = objective.validation_guidance_scale
+
+        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with autocast(self.precision, self.device):
+                both = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, context])).float()
+            unconditional, conditional = both.chunk(2)
+            return unconditional + scale * (conditional - unconditional)
+
+        denoise = Denoiser(guided, self.schedule)
+        sigmas = get_sigmas(self.schedule, objective.validation_steps, spacing="trailing").to(self.device)
+        generator = torch.Generator().manual_seed(0)
+        shape = (len(prompts), *self.data.latent_shape)
+        x = (torch.randn(shape, generator=generator) * sigmas[0].cpu()).to(self.device)
+        latents = sample_ddim(denoise, x, sigmas)
+        model = self.autoencoder.model
+        images = model.decode(self.autoencoder.from_diffusion_space(latents).to(next(model.parameters()).dtype))
+        scale_up = max(1, 96 // images.shape[-1])
+        save_image(labelled_grid(images.float(), objective.validation_prompts, columns=4, scale=scale_up), path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "unet": self.unet.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.unet.load_state_dict(state["unet"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        if self.ema and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.scaler and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def check_compatible(config: TrainDiffusionConfig, data: LatentDataset, text_width: int, overrides: list[str]) -> None:
+    """Make the pieces fit before the first step: follow the data and the encoder where the user
+    did not choose otherwise, and name both sides where they did."""
+    unet = config.unet
+    channels, height, width = data.latent_shape
+    explicit = {o.split("=", 1)[0].lstrip("+") for o in overrides}
+    for key, needed in (("in_channels", channels), ("out_channels", channels), ("cross_attention_dim", text_width)):
+        have = getattr(unet, key)
+        if have != needed:
+            if f"unet.{key}" in explicit:
+                side = "the latents have" if key != "cross_attention_dim" else "the text encoder's width is"
+                raise IncompatibleError(f"unet.{key}={have} but {side} {needed}; drop the override or set unet.{key}={needed}")
+            setattr(unet, key, needed)
+    factor = unet.downsample_factor
+    if height % factor or width % factor:
+        raise IncompatibleError(
+            f"latents are {height}x{width} but the U-Net downsamples by {factor}; use a U-Net with fewer levels "
+            f"or images whose latent side is a multiple of {factor}"
+        )
+
+
+def train_unet(
+    config: TrainDiffusionConfig,
+    latents: Path,
+    out: Path,
+    overrides: list[str],
+    resume: bool = False,
+    device_name: str = "auto",
+    init_from: Path | None = None,
+) -> Path:
+    """Train (or resume) a U-Net run in `out` on a latent dataset; returns the bundle path."""
+    device = resolve_device(device_name)
+    dist = init_distributed(device)
+    device = device_for(device, dist)
+    init_weights = None
+    data = LatentDataset(latents)
+    if init_from is not None:  # fine-tuning keeps the base model's architecture, schedule and encoder
+        base = load_latent_diffusion(init_from)
+        if base.autoencoder.bundle.content_hash != data.autoencoder_hash:
+            raise IncompatibleError(
+                f"latents in {latents} were encoded with autoencoder {data.autoencoder_hash[:12]}, but {init_from} uses "
+                f"{base.autoencoder.bundle.content_hash[:12]}; encode with `ldm encode --vae {init_from}`"
+            )
+        config.unet, config.text_encoder = base.unet.config, text_encoder_config(base.bundle)
+        config.schedule = from_dict(base.bundle.meta["schedule"], ScheduleConfig)
+        init_weights = base.unet.state_dict()
+    autoencoder = load_autoencoder(data.autoencoder_path, device=device)
+    if autoencoder.bundle.content_hash != data.autoencoder_hash:
+        raise IncompatibleError(
+            f"latents in {latents} were encoded with autoencoder {data.autoencoder_hash[:12]}, but {data.autoencoder_path} "
+            f"now holds {autoencoder.bundle.content_hash[:12]}; re-encode with `ldm encode`"
+        )
+    text_encoder = load_text_encoder(config.text_encoder, device=device)
+    check_compatible(config, data, text_encoder.width, overrides)
+    if dist.is_main:
+        config, _ = open_run(out, "train-diffusion", config, overrides, resume)
+    barrier(dist)
+    if not dist.is_main:  # the same decision, read from what the main process wrote
+        config, _ = open_run(out, "train-diffusion", config, overrides, resume, write=False)
+    cached = _cache_matches(data, config)
+    conditioning = TextConditioning(text_encoder, device, data.uncond_text() if cached else None)
+    trainer = DiffusionTrainer(config, data, autoencoder, conditioning, device, dist, init_weights)
+    train_loop(trainer, data, config.train, Path(out), dist, collate=collate_latents, description="train-diffusion")
+    if not dist.is_main:
+        return Path(out) / "bundle"
+    bundle = write_latent_diffusion_bundle(
+        Path(out) / "bundle",
+        trainer.eval_unet().state_dict(),
+        config.unet,
+        config.schedule,
+        config.text_encoder,
+        text_encoder,
+        autoencoder.bundle,
+        {"trained_steps": config.train.max_steps, "validation": trainer.evaluate(config.train.max_steps), "latents": str(latents)},
+    )
+    return bundle.path
+
+
+def _cache_matches(data: LatentDataset, config: TrainDiffusionConfig) -> bool:
+    """Cached text embeddings are usable only if they came from the same encoder settings."""
+    info = data.text_info
+    return bool(info) and info["config"] == to_dict(config.text_encoder)

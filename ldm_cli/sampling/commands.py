@@ -1,0 +1,459 @@
+"""`ldm sample` and `ldm img2img`: check every input, load the model, generate, write PNGs.
+
+Everything a user can get wrong is checked before --out is created, so a failed command writes
+nothing. Files are `{index:05d}-{seed}.png`, the index continuing after the highest one already in
+--out, and a name is claimed with O_EXCL: nothing is ever overwritten, even by two runs at once.
+Image i of a run uses seed S + i, so `--seed S+i -n 1` remakes it alone, and `--replay` remakes an
+image from its own metadata (recomputing its batch when it was made in one, for identical pixels).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from PIL import Image
+
+from ldm_cli import __version__
+from ldm_cli.bundle import file_sha256
+from ldm_cli.config import SampleConfig
+from ldm_cli.data.images import IMAGE_EXTENSIONS, load_image_rgb, pil_to_tensor, tensor_to_pil
+from ldm_cli.diffusion.load import LatentDiffusion, load_latent_diffusion
+from ldm_cli.errors import DataError, UsageError
+from ldm_cli.grid import make_grid
+from ldm_cli.sampling.metadata import png_info, read_metadata
+from ldm_cli.sampling.pipeline import (
+    DEFAULT_SAMPLER,
+    ImageJob,
+    InitLatent,
+    SamplingPipeline,
+    SamplingSettings,
+    check_image_size,
+)
+from ldm_cli.training.precision import resolve_device, resolve_precision
+
+MAX_SEED = 2**63 - 1
+INDEXED_NAME = re.compile(r"^(\d{5,})-.*\.(png|json)$")
+
+
+@dataclass
+class SampleRequest:
+    """The command-line options of `ldm sample` / `ldm img2img`."""
+
+    out: Path
+    model: Optional[Path] = None
+    prompts: list[str] = field(default_factory=list)  # each --prompt; "" is an unconditional sample
+    prompt_file: Optional[Path] = None  # one prompt per line, added after --prompt's
+    negative_prompt: str = ""
+    num_images: int = 1  # per prompt (and per init image)
+    batch_size: int = 1
+    steps: int = 30
+    guidance_scale: float = 7.5
+    sampler: str = DEFAULT_SAMPLER
+    seed: int = 0  # negative: a random seed (printed, and stored in each image)
+    height: Optional[int] = None  # default: the model's resolution (img2img: from the init image)
+    width: Optional[int] = None
+    eta: Optional[float] = None
+    precision: str = "auto"
+    device: str = "auto"
+    grid: bool = False
+    json_sidecar: bool = False
+    init: Optional[Path] = None  # img2img: an image or a folder of images
+    strength: float = 0.75  # img2img only
+
+
+@dataclass
+class Written:
+    images: list[Path]
+    grid: Optional[Path] = None
+
+    def summary(self) -> str:
+        if not self.images:
+            return "no images written"
+        names = self.images[0].name if len(self.images) == 1 else f"{self.images[0].name} … {self.images[-1].name}"
+        text = f"wrote {len(self.images)} image(s) to {self.images[0].parent}: {names}"
+        return text + (f"\ngrid: {self.grid}" if self.grid else "")
+
+
+# ------------------------------------------------------------------------------------ prompts, seeds
+
+
+def read_prompts(prompts: list[str], prompt_file: Optional[Path]) -> list[str]:
+    """--prompt values, then the non-blank lines of --prompt-file; at least one prompt in all."""
+    prompts = list(prompts)
+    if prompt_file is not None:
+        try:
+            lines = Path(prompt_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(f"cannot read --prompt-file {prompt_file} ({error})") from None
+        from_file = [line.strip() for line in lines if line.strip()]
+        if not from_file:
+            raise UsageError(f"--prompt-file {prompt_file} holds no prompts (one per line)")
+        prompts += from_file
+    if not prompts:
+        raise UsageError('give --prompt TEXT (--prompt "" for unconditional samples) or --prompt-file FILE')
+    return prompts
+
+
+def resolve_seed(seed: int, count: int) -> int:
+    if seed < 0:
+        seed = secrets.randbelow(2**32)
+        print(f"seed: {seed}")
+    if seed + count > MAX_SEED:
+        raise UsageError(f"--seed {seed} is too large; seeds S … S+{count - 1} must stay below 2^63")
+    return seed
+
+
+def _settings(request: SampleRequest, config: SampleConfig, strength: float) -> SamplingSettings:
+    return SamplingSettings(
+        steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        sampler=request.sampler,
+        eta=request.eta,
+        negative_prompt=request.negative_prompt,
+        strength=strength,
+        timestep_spacing=config.timestep_spacing,
+        karras_sigmas=config.karras_sigmas,
+    )
+
+
+def _check_counts(request: SampleRequest) -> None:
+    if request.num_images < 1:
+        raise UsageError(f"--num-images must be a positive integer, got {request.num_images}")
+    if request.batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive integer, got {request.batch_size}")
+    _check_out(request.out)
+
+
+def _check_out(out: Path) -> None:
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+
+
+def _load_model(path: Optional[Path], device: torch.device) -> LatentDiffusion:
+    if path is None:
+        raise UsageError("--model is required (a latent-diffusion run directory or bundle)")
+    return load_latent_diffusion(path, device=device)
+
+
+def _pipeline(model: LatentDiffusion, device: torch.device, precision: str, config: SampleConfig) -> SamplingPipeline:
+    return SamplingPipeline(model, device, precision, config.tile_decode_above, config.tile_latent_size)
+
+
+def _base_metadata(mode: str, settings: SamplingSettings, pipeline: SamplingPipeline) -> dict[str, Any]:
+    bundle = pipeline.model.bundle
+    return {
+        "mode": mode,
+        "negative_prompt": settings.negative_prompt,
+        "steps": settings.steps,
+        "sampler": settings.sampler,
+        "eta": settings.effective_eta(),
+        "guidance_scale": settings.guidance_scale,
+        "timestep_spacing": settings.timestep_spacing,
+        "karras_sigmas": settings.karras_sigmas,
+        "precision": pipeline.precision,
+        "model": str(bundle.path.resolve()),
+        "model_hash": bundle.content_hash,
+        "ldm_version": __version__,
+        "device": pipeline.device.type,  # identical pixels are promised on the same kind of device
+    }
+
+
+# --------------------------------------------------------------------------------------- init images
+
+
+@dataclass
+class InitImage:
+    """An img2img init image: where it is, its hash, and how it is resized and cropped."""
+
+    path: Path
+    sha256: str
+    original_size: tuple[int, int]  # (width, height) as stored
+    resized_to: Optional[tuple[int, int]]  # (width, height) before the centre crop; None: not resized
+    size: tuple[int, int]  # (width, height) sampled at: multiples of the downsampling factor
+
+    def note(self) -> Optional[str]:
+        if self.size == self.original_size:
+            return None
+        steps = []
+        if self.resized_to is not None:
+            steps.append(f"resized to {self.resized_to[0]}x{self.resized_to[1]}")
+        if self.size != (self.resized_to or self.original_size):
+            steps.append(f"centre-cropped to {self.size[0]}x{self.size[1]}")
+        width, height = self.original_size
+        return f"note: init image {self.path.name} is {width}x{height}; {' and '.join(steps)}"
+
+    def pixels(self) -> torch.Tensor:
+        """[3, H, W] in [-1, 1], resized and cropped as planned."""
+        image = load_image_rgb(self.path)
+        if image.size != self.original_size:
+            raise DataError(f"init image {self.path} changed while sampling")
+        if self.resized_to is not None:
+            image = image.resize(self.resized_to, Image.Resampling.BICUBIC)
+        width, height = self.size
+        left, top = (image.width - width) // 2, (image.height - height) // 2
+        return pil_to_tensor(image.crop((left, top, left + width, top + height)))
+
+
+def plan_init_size(
+    size: tuple[int, int], factor: int, resolution: int, height: Optional[int] = None, width: Optional[int] = None
+) -> tuple[Optional[tuple[int, int]], tuple[int, int]]:
+    """(size to resize to or None, final size) for an init image of `size` = (width, height).
+
+    --height and --width: resize to cover them, centre-crop. One of them: scale to it, keep the aspect.
+    Neither: keep the image's size unless a side exceeds 2× the model resolution (then the shorter side
+    becomes the resolution, the longer at most twice it). Sides are then cropped down to multiples of
+    the autoencoder's downsampling factor.
+    """
+    original_width, original_height = size
+    if height is not None and width is not None:
+        scale = max(width / original_width, height / original_height)
+    elif height is not None:
+        scale = height / original_height
+    elif width is not None:
+        scale = width / original_width
+    elif max(size) > 2 * resolution:
+        scale = min(resolution / min(size), 2 * resolution / max(size))
+    else:
+        scale = 1.0
+    resized = (max(1, round(original_width * scale)), max(1, round(original_height * scale)))
+    if width is not None:
+        resized = (max(resized[0], width), resized[1])
+    if height is not None:
+        resized = (resized[0], max(resized[1], height))
+    final = (width or resized[0] // factor * factor, height or resized[1] // factor * factor)
+    return (None if resized == size else resized), final
+
+
+def list_init_images(path: Path) -> list[Path]:
+    path = Path(path)
+    if path.is_dir():
+        images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not images:
+            raise DataError(f"--init folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        return images
+    if not path.exists():
+        raise DataError(f"init image not found: {path}")
+    return [path]
+
+
+def inspect_init_image(
+    path: Path, model: LatentDiffusion, height: Optional[int], width: Optional[int],
+    resized_to: Optional[tuple[int, int]] = None, replay: bool = False,
+) -> InitImage:
+    """Read (DataError if unreadable) and plan one init image; `replay` reuses a recorded plan."""
+    original_size = load_image_rgb(path).size
+    if replay:
+        size = (width, height)
+    else:
+        resized_to, size = plan_init_size(original_size, model.downsampling_factor, model.resolution, height, width)
+    check_image_size(size[1], size[0], model, what=f"init image {Path(path).name} (as {size[0]}x{size[1]})")
+    return InitImage(Path(path).resolve(), file_sha256(Path(path)), original_size, resized_to, size)  # type: ignore[arg-type]
+
+
+# -------------------------------------------------------------------------------------------- output
+
+
+class OutputFolder:
+    """Claims `{index:05d}-{seed}.png` names after the highest index already in the folder."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.index: Optional[int] = None
+
+    def _next_index(self) -> int:
+        highest = -1
+        if self.path.is_dir():
+            for entry in self.path.iterdir():
+                match = INDEXED_NAME.match(entry.name)
+                if match:
+                    highest = max(highest, int(match.group(1)))
+        return highest + 1
+
+    def _claim(self, name_of_index) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.index is None:
+            self.index = self._next_index()
+        while True:
+            path = self.path / name_of_index(self.index)
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                return path
+            except FileExistsError:  # another run took it meanwhile
+                self.index += 1
+
+    def write_image(self, image: Image.Image, seed: int, meta: dict[str, Any], json_sidecar: bool) -> Path:
+        path = self._claim(lambda index: f"{index:05d}-{seed}.png")
+        self.index += 1  # type: ignore[operator]
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", pnginfo=png_info(meta))
+        path.write_bytes(buffer.getvalue())
+        if json_sidecar:
+            path.with_suffix(".json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
+
+    def write_grid(self, images: list[torch.Tensor], columns: int, first: Path, last: Path) -> Path:
+        """A contact sheet of [3, H, W] images in [-1, 1]; smaller ones are padded with white."""
+        height = max(image.shape[-2] for image in images)
+        width = max(image.shape[-1] for image in images)
+        padded = torch.ones(len(images), 3, height, width)
+        for i, image in enumerate(images):
+            padded[i, :, : image.shape[-2], : image.shape[-1]] = image
+        path = self.path / f"grid-{first.name.split('-')[0]}-{last.name.split('-')[0]}.png"
+        make_grid(padded, columns).save(path)
+        return path
+
+
+def _grid_columns(count: int, per_row: int) -> int:
+    return per_row if 1 < per_row < count else max(1, math.ceil(math.sqrt(count)))
+
+
+def _batch_metadata(batch: list[ImageJob]) -> dict[str, Any]:
+    # a deterministic batch's pixels depend (by float rounding) on its batch-mates: name them for --replay
+    if len(batch) == 1:
+        return {}
+    return {"batch": {"seeds": [job.seed for job in batch], "prompts": [job.prompt for job in batch]}}
+
+
+def _write_batches(
+    pipeline: SamplingPipeline, jobs: list[ImageJob], settings: SamplingSettings, batch_size: int,
+    folder: OutputFolder, base_meta: dict[str, Any], json_sidecar: bool, written: list[Path],
+    keep: Optional[list[torch.Tensor]],
+) -> None:
+    for batch, images in pipeline.generate(jobs, settings, batch_size):
+        for job, image in zip(batch, images):
+            meta = {**base_meta, "prompt": job.prompt, "seed": job.seed, **_batch_metadata(batch)}
+            written.append(folder.write_image(tensor_to_pil(image), job.seed, meta, json_sidecar))
+            if keep is not None:
+                keep.append(image)
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def run_sample(request: SampleRequest, config: SampleConfig) -> Written:
+    """`ldm sample`: text → images."""
+    prompts = read_prompts(request.prompts, request.prompt_file)
+    _check_counts(request)
+    device = resolve_device(request.device)
+    precision = resolve_precision(request.precision, device)
+    settings = _settings(request, config, strength=1.0)
+    settings.validate(num_train_timesteps=10**9)  # the model's own limit is checked once it is loaded
+    model = _load_model(request.model, device)
+    settings.validate(model.schedule.num_train_timesteps)
+    settings.height = request.height or model.resolution
+    settings.width = request.width or model.resolution
+    check_image_size(settings.height, settings.width, model)
+    seed = resolve_seed(request.seed, len(prompts) * request.num_images)
+
+    pipeline = _pipeline(model, device, precision, config)
+    base = {**_base_metadata("txt2img", settings, pipeline), "height": settings.height, "width": settings.width}
+    jobs = [ImageJob(prompt, seed + i) for i, prompt in enumerate(p for p in prompts for _ in range(request.num_images))]
+    folder, written = OutputFolder(request.out), []
+    kept: Optional[list[torch.Tensor]] = [] if request.grid else None
+    _write_batches(pipeline, jobs, settings, request.batch_size, folder, base, request.json_sidecar, written, kept)
+    grid = folder.write_grid(kept, _grid_columns(len(kept), request.num_images), written[0], written[-1]) if kept else None
+    return Written(written, grid)
+
+
+def run_img2img(request: SampleRequest, config: SampleConfig) -> Written:
+    """`ldm img2img`: init image(s) + text → images (SDEdit, Meng et al. 2022)."""
+    prompts = read_prompts(request.prompts, request.prompt_file)
+    _check_counts(request)
+    if request.init is None:
+        raise UsageError("--init is required (an image or a folder of images)")
+    device = resolve_device(request.device)
+    precision = resolve_precision(request.precision, device)
+    settings = _settings(request, config, strength=request.strength)
+    settings.validate(num_train_timesteps=10**9)
+    init_paths = list_init_images(request.init)
+    model = _load_model(request.model, device)
+    settings.validate(model.schedule.num_train_timesteps)
+    inits = [inspect_init_image(path, model, request.height, request.width) for path in init_paths]
+    per_init = len(prompts) * request.num_images
+    seed = resolve_seed(request.seed, len(inits) * per_init)
+
+    pipeline = _pipeline(model, device, precision, config)
+    base = _base_metadata("img2img", settings, pipeline)
+    folder, written = OutputFolder(request.out), []
+    kept: Optional[list[torch.Tensor]] = [] if request.grid else None
+    for number, init in enumerate(inits):
+        if init.note():
+            print(init.note())
+        latent = InitLatent(pipeline.encode_image(init.pixels()), key=init.sha256)
+        first_seed = seed + number * per_init
+        jobs = [ImageJob(prompt, first_seed + i, latent)
+                for i, prompt in enumerate(p for p in prompts for _ in range(request.num_images))]
+        meta = {**base, **_init_metadata(init, settings)}
+        _write_batches(pipeline, jobs, settings, request.batch_size, folder, meta, request.json_sidecar, written, kept)
+    grid = folder.write_grid(kept, _grid_columns(len(kept), per_init), written[0], written[-1]) if kept else None
+    return Written(written, grid)
+
+
+def _init_metadata(init: InitImage, settings: SamplingSettings) -> dict[str, Any]:
+    return {
+        "strength": settings.strength,
+        "init_image": str(init.path),
+        "init_sha256": init.sha256,
+        "init_resized_to": list(init.resized_to) if init.resized_to else None,
+        "width": init.size[0],
+        "height": init.size[1],
+    }
+
+
+def run_replay(
+    image: Path, out: Path, config: SampleConfig, model: Optional[Path] = None, device_name: str = "auto",
+    init: Optional[Path] = None, json_sidecar: bool = False,
+) -> Written:
+    """`ldm sample --replay IMAGE.png`: the same pixels again, from the image's own metadata."""
+    meta = read_metadata(image)
+    if model is None:
+        model = Path(meta["model"])
+        if not model.exists():
+            raise UsageError(f"the model recorded in {image} ({model}) is not here; pass --model")
+    _check_out(out)
+    device = resolve_device(device_name)
+    precision = resolve_precision(meta["precision"], device)
+    img2img = meta["mode"] == "img2img"
+    settings = SamplingSettings(
+        steps=int(meta["steps"]), guidance_scale=float(meta["guidance_scale"]), sampler=meta["sampler"],
+        eta=meta.get("eta"), negative_prompt=meta["negative_prompt"], height=int(meta["height"]),
+        width=int(meta["width"]), strength=float(meta["strength"]) if img2img else 1.0,
+        timestep_spacing=meta["timestep_spacing"], karras_sigmas=bool(meta["karras_sigmas"]),
+    )
+    settings.validate(num_train_timesteps=10**9)
+    init_path = Path(init or meta.get("init_image") or "") if img2img else None
+    if init_path is not None and not init_path.is_file():
+        raise DataError(f"the init image of {image} ({init_path}) is not here; pass --init")
+    if init_path is not None and file_sha256(init_path) != meta["init_sha256"]:
+        raise DataError(f"{init_path} is not the init image {image} was made from (its sha256 differs)")
+    loaded = _load_model(model, device)
+    settings.validate(loaded.schedule.num_train_timesteps)
+    check_image_size(settings.height, settings.width, loaded)
+    if loaded.bundle.content_hash != meta.get("model_hash"):
+        print(f"note: {model} is not the model {Path(image).name} was made with (content hash differs); pixels will differ")
+    if meta.get("device") not in (None, device.type):
+        print(f"note: {Path(image).name} was made on {meta['device']}, this replay runs on {device.type}; pixels may differ slightly")
+
+    pipeline = _pipeline(loaded, device, precision, config)
+    latent = None
+    if init_path is not None:
+        resized_to = tuple(meta["init_resized_to"]) if meta.get("init_resized_to") else None
+        plan = inspect_init_image(init_path, loaded, settings.height, settings.width, resized_to, replay=True)  # type: ignore[arg-type]
+        latent = InitLatent(pipeline.encode_image(plan.pixels()), key=plan.sha256)
+    batch = meta.get("batch") or {"seeds": [meta["seed"]], "prompts": [meta["prompt"]]}
+    jobs = [ImageJob(prompt, int(seed), latent) for prompt, seed in zip(batch["prompts"], batch["seeds"])]
+    position = [job.seed for job in jobs].index(int(meta["seed"]))
+    _, images = next(iter(pipeline.generate(jobs, settings, batch_size=len(jobs))))
+    replayed = {**meta, "model": str(loaded.bundle.path.resolve()), "model_hash": loaded.bundle.content_hash,
+                "ldm_version": __version__, "device": device.type}
+    path = OutputFolder(out).write_image(tensor_to_pil(images[position]), int(meta["seed"]), replayed, json_sidecar)
+    return Written([path])

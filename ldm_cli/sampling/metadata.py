@@ -1,0 +1,82 @@
+"""What a generated PNG says about itself: PNG text chunks, written and read back.
+
+Two keys, both plain text:
+    "ldm"         JSON with every setting needed to make the same pixels again (`--replay`)
+    "parameters"  the AUTOMATIC1111-style line that image viewers and model sites display
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ldm_cli.errors import DataError
+
+METADATA_KEY = "ldm"
+PARAMETERS_KEY = "parameters"
+# what a replay cannot do without
+REQUIRED_KEYS = ("mode", "prompt", "negative_prompt", "seed", "steps", "sampler", "guidance_scale",
+                 "height", "width", "timestep_spacing", "karras_sigmas", "precision", "model")
+# AUTOMATIC1111's display names, so model sites and viewers recognise the sampler
+A1111_SAMPLER_NAMES = {
+    "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE", "ddim": "DDIM", "ddpm": "DDPM",
+}
+
+
+def parameters_line(meta: dict[str, Any]) -> str:
+    """`prompt \\n Negative prompt: … \\n Steps: 30, Sampler: …, CFG scale: 7.5, Seed: 1, Size: WxH, …`."""
+    fields = [
+        ("Steps", meta["steps"]),
+        ("Sampler", A1111_SAMPLER_NAMES.get(meta["sampler"], meta["sampler"])),
+        ("Schedule type", "Karras" if meta.get("karras_sigmas") else None),
+        ("CFG scale", meta["guidance_scale"]),
+        ("Seed", meta["seed"]),
+        ("Size", f"{meta['width']}x{meta['height']}"),
+        ("Model hash", (meta.get("model_hash") or "")[:10] or None),
+        ("Model", Path(meta["model"]).name if meta.get("model") else None),
+        ("Denoising strength", meta.get("strength") if meta["mode"] == "img2img" else None),
+        ("Eta", meta.get("eta")),
+        ("Version", f"ldm {meta['ldm_version']}" if meta.get("ldm_version") else None),
+    ]
+    settings = ", ".join(f"{name}: {value}" for name, value in fields if value is not None)
+    lines = [meta["prompt"]]
+    if meta.get("negative_prompt"):
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    return "\n".join(lines + [settings])
+
+
+def png_info(meta: dict[str, Any]) -> PngInfo:
+    info = PngInfo()
+    # iTXt (UTF-8): prompts are not limited to Latin-1
+    info.add_itxt(METADATA_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True))
+    info.add_itxt(PARAMETERS_KEY, parameters_line(meta))
+    return info
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The "ldm" JSON of a PNG written by `ldm sample` / `ldm img2img`; DataError if it has none."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}).get(METADATA_KEY)
+    except Exception as error:  # PIL raises assorted types for non-images
+        raise DataError(f"cannot read image {path}: {error or type(error).__name__}") from None
+    if text is None:
+        raise DataError(f"{path} has no '{METADATA_KEY}' metadata; only PNGs written by `ldm sample` or `ldm img2img` can be replayed")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"the '{METADATA_KEY}' metadata of {path} is not valid JSON ({error})") from None
+    missing = [key for key in REQUIRED_KEYS if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise DataError(f"the '{METADATA_KEY}' metadata of {path} lacks {', '.join(missing)}; it cannot be replayed")
+    if meta["mode"] == "img2img" and not {"init_sha256", "strength"} <= set(meta):
+        raise DataError(f"the img2img metadata of {path} lacks the init image's hash or strength; it cannot be replayed")
+    return meta

@@ -1,0 +1,329 @@
+"""Text → image and image → image with a latent-diffusion bundle, in numbered steps (as diffusers):
+
+1. encode prompts   once per distinct prompt, each alone (so an embedding never depends on its
+                    batch-mates); the negative prompt ("" by default) is the unconditional branch
+2. prepare latents  image i draws its noise from its own CPU generator seeded with its seed, in
+                    float32, then moves it to the device: an image does not depend on the batch it
+                    was made in, nor on the device's random number generator. txt2img starts at
+                    x = σ_0 ε; img2img (SDEdit) at x = x_0 + σ_k ε and walks σ_k … 0
+3. denoise          a sampler over the σ's; classifier-free guidance in ONE batched forward of
+                    [uncond, cond] (skipped at guidance_scale 1)
+4. decode           latents → pixels with the autoencoder, in tiles above `tile_decode_above`
+5. to PIL           by the caller (commands.py), from the float images returned here
+
+Samplers that add fresh noise (ancestral, SDE, DDPM, DDIM with eta > 0) take one generator for the
+whole batch, so they run one image at a time, each with its own generator: image i's pixels then
+never depend on the batch. Deterministic samplers run whole batches; their images equal the
+batch-size-1 images up to float rounding (kernels sum in a batch-dependent order), which is why
+the metadata of a batched image names its batch and a replay recomputes that batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ldm_cli.autoencoder.model import tiled_decode
+from ldm_cli.diffusion.load import LatentDiffusion
+from ldm_cli.errors import ConfigError, UsageError
+from ldm_cli.sampling.denoiser import Denoiser, get_sigmas
+from ldm_cli.sampling.samplers import SAMPLERS, sample
+from ldm_cli.training.precision import DTYPES, autocast
+
+DEFAULT_SAMPLER = "dpmpp_2m"
+
+
+# ---------------------------------------------------------------------------------------- settings
+
+
+@dataclass
+class SamplingSettings:
+    """How to sample; the same for every image of a run (sizes of img2img images come from their init)."""
+
+    steps: int = 30
+    guidance_scale: float = 7.5
+    sampler: str = DEFAULT_SAMPLER
+    eta: Optional[float] = None  # None: the sampler's own default; only samplers with an `eta` take it
+    negative_prompt: str = ""
+    height: int = 512
+    width: int = 512
+    strength: float = 1.0  # img2img: the fraction of the σ schedule re-noised; 1 starts from pure noise
+    timestep_spacing: str = "trailing"  # leading | trailing | linspace
+    karras_sigmas: bool = False
+
+    @property
+    def spacing(self) -> str:
+        return "karras" if self.karras_sigmas else self.timestep_spacing
+
+    def sampler_options(self) -> dict[str, float]:
+        return {} if self.eta is None else {"eta": self.eta}
+
+    def effective_eta(self) -> Optional[float]:
+        """The eta the sampler runs with (its default when none was given); None if it takes none."""
+        parameter = inspect.signature(SAMPLERS[self.sampler]).parameters.get("eta")
+        if parameter is None:
+            return None
+        return float(self.eta if self.eta is not None else parameter.default)
+
+    def start_index(self) -> int:
+        """SDEdit's first step k = S − int(S · strength): strength 1 → 0 (all steps), 0 → S (none)."""
+        return self.steps - int(self.steps * self.strength)
+
+    def validate(self, num_train_timesteps: int) -> None:
+        """Raise UsageError / ConfigError on a value no run could use (before anything is written)."""
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.eta is not None:
+            if self.effective_eta() is None:
+                takers = [name for name, fn in SAMPLERS.items() if "eta" in inspect.signature(fn).parameters]
+                raise ConfigError(f"sampler {self.sampler!r} takes no --eta; samplers with eta: {', '.join(takers)}")
+            if self.eta < 0:
+                raise UsageError(f"--eta must be >= 0, got {self.eta}")
+        if self.steps < 1:
+            raise UsageError(f"--steps must be a positive integer, got {self.steps}")
+        if not self.karras_sigmas and self.steps > num_train_timesteps:
+            raise UsageError(f"--steps {self.steps} exceeds the model's {num_train_timesteps} training timesteps")
+        if not 0.0 <= self.strength <= 1.0:
+            raise UsageError(f"--strength must be between 0 and 1, got {self.strength}")
+        if self.timestep_spacing not in ("leading", "trailing", "linspace"):
+            raise ConfigError(f"timestep_spacing must be leading, trailing or linspace, got {self.timestep_spacing!r}")
+
+    def draws_noise(self) -> bool:
+        """Whether the sampler adds fresh noise on the way (then images run one at a time)."""
+        eta = self.effective_eta()
+        return self.sampler == "ddpm" or (eta is not None and eta > 0)
+
+
+def check_image_size(height: int, width: int, model: LatentDiffusion, what: str = "--height/--width") -> None:
+    """Sides must be multiples of the autoencoder's factor, and big enough for every U-Net level."""
+    factor = model.downsampling_factor
+    smallest = factor * model.unet.downsample_factor
+    for name, side in (("height", height), ("width", width)):
+        if side % factor:
+            lower, upper = side // factor * factor, (side // factor + 1) * factor
+            raise UsageError(
+                f"{what}: {name} {side} is not a multiple of {factor} (the autoencoder's downsampling factor); "
+                f"use {lower or upper} or {upper}"
+            )
+        if side < smallest:
+            raise UsageError(f"{what}: {name} {side} is too small; this model needs at least {smallest} (a multiple of {factor})")
+
+
+# -------------------------------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True, eq=False)
+class InitLatent:
+    """An img2img start: the init image's latent in diffusion space, [C, h, w], on the sampling device."""
+
+    latent: torch.Tensor
+    key: str  # names the init image (its sha256): batches never mix two inits
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image to make."""
+
+    prompt: str
+    seed: int
+    init: Optional[InitLatent] = None
+
+
+def plan_batches(jobs: Sequence[ImageJob], batch_size: int, one_at_a_time: bool = False) -> list[list[ImageJob]]:
+    """Consecutive jobs with the same init (hence size), at most `batch_size` (1 if `one_at_a_time`) each."""
+    size = 1 if one_at_a_time else max(1, batch_size)
+    batches: list[list[ImageJob]] = []
+    for job in jobs:
+        key = job.init.key if job.init is not None else None
+        last = batches[-1] if batches else None
+        if last and len(last) < size and (last[0].init.key if last[0].init is not None else None) == key:
+            last.append(job)
+        else:
+            batches.append([job])
+    return batches
+
+
+def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """The standard normal noise of the image with this seed: float32, on the CPU, the same everywhere."""
+    return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------- pipeline
+
+
+class SamplingPipeline:
+    """A loaded latent-diffusion model ready to sample: `pipeline(jobs, settings) -> images`."""
+
+    def __init__(
+        self,
+        model: LatentDiffusion,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+        tile_decode_above: int = 1024,
+        tile_latent_size: int = 64,
+    ) -> None:
+        self.model = model
+        self.device = torch.device(device)
+        self.precision = precision
+        self.tile_decode_above = tile_decode_above
+        self.tile_latent_size = tile_latent_size
+        # The U-Net holds its weights in the compute dtype (autocast would re-cast frozen weights every
+        # call); the text encoder runs once per prompt and stays float32. The autoencoder stays float32
+        # too and decodes under bf16 autocast only: SD's VAE can overflow in fp16.
+        self.unet_dtype = DTYPES[precision]
+        self.channels_last = self.device.type == "cuda"  # tensor-core convolutions want NHWC
+        model.unet.to(device=self.device, dtype=self.unet_dtype)
+        if self.channels_last:
+            model.unet.to(memory_format=torch.channels_last)
+        self.denoiser = Denoiser(self._unet, model.schedule)
+        self._embeddings: dict[str, torch.Tensor] = {}
+
+    @property
+    def latent_channels(self) -> int:
+        return self.model.latent_channels
+
+    @property
+    def factor(self) -> int:
+        return self.model.downsampling_factor
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.precision, self.device)
+
+    def _vae_autocast(self) -> contextlib.AbstractContextManager:
+        return autocast("bf16" if self.precision == "bf16" else "fp32", self.device)
+
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.unet_dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            output = self.model.unet(x, t, encoder_hidden_states.to(self.unet_dtype))
+        return output.float()  # the sampler's state stays float32
+
+    # 1. encode prompts --------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings [len(prompts), L, D] (float32), computed once per distinct prompt."""
+        for prompt in dict.fromkeys(prompts):
+            if prompt not in self._embeddings:
+                self._embeddings[prompt] = self.model.text_encoder.encode([prompt])[0].float()
+        return torch.stack([self._embeddings[prompt] for prompt in prompts])
+
+    # 2. prepare latents --------------------------------------------------------------------------
+
+    def latent_shape(self, job: ImageJob, settings: SamplingSettings) -> tuple[int, int, int]:
+        if job.init is not None:
+            return tuple(job.init.latent.shape)  # type: ignore[return-value]
+        return (self.latent_channels, settings.height // self.factor, settings.width // self.factor)
+
+    def prepare_latents(
+        self, jobs: Sequence[ImageJob], settings: SamplingSettings, sigmas: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """x = σ_0 ε (txt2img, and img2img at strength 1) or x_0 + σ_k ε (img2img), with ε drawn from each
+        job's own generator; the generators are returned so that sampler noise continues their streams."""
+        generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
+        noise = torch.stack([
+            torch.randn(self.latent_shape(job, settings), generator=generator, dtype=torch.float32)
+            for job, generator in zip(jobs, generators)
+        ]).to(self.device)
+        start = settings.start_index()
+        if jobs[0].init is None or start == 0:
+            return noise * sigmas[0].item(), generators
+        x0 = torch.stack([job.init.latent for job in jobs]).float()
+        return x0 + noise * sigmas[start].item(), generators
+
+    def sigmas(self, settings: SamplingSettings) -> torch.Tensor:
+        return get_sigmas(self.model.schedule, settings.steps, settings.spacing)
+
+    # 3. denoise ----------------------------------------------------------------------------------
+
+    def guided_denoiser(
+        self, context: torch.Tensor, uncond: torch.Tensor, guidance_scale: float
+    ) -> Callable[[torch.Tensor, float], torch.Tensor]:
+        """D(x; σ) with classifier-free guidance (Ho & Salimans 2022): D_u + w (D_c − D_u).
+
+        Guiding the x_0 estimate equals guiding ε (or v): D is affine in the network output with the
+        same coefficients in both branches.
+        """
+        if guidance_scale == 1.0:
+            return lambda x, sigma: self.denoiser(x, sigma, encoder_hidden_states=context)
+        both_context = torch.cat([uncond.expand_as(context), context])
+
+        def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            uncond_x0, cond_x0 = self.denoiser(torch.cat([x, x]), sigma, encoder_hidden_states=both_context).chunk(2)
+            return uncond_x0 + guidance_scale * (cond_x0 - uncond_x0)
+
+        return denoise
+
+    # 4. decode -----------------------------------------------------------------------------------
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Diffusion-space latents → images [B, 3, H, W] in [-1, 1], float32 on the CPU."""
+        autoencoder = self.model.autoencoder
+        z = autoencoder.from_diffusion_space(latents.float())
+        with self._vae_autocast():
+            if max(z.shape[-2:]) * self.factor > self.tile_decode_above:
+                pixels = tiled_decode(autoencoder.model, z, tile_latent=self.tile_latent_size, overlap=self.tile_latent_size // 4)
+            else:
+                pixels = autoencoder.model.decode(z)
+        return pixels.float().clamp(-1, 1).cpu()
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """An init image [3, H, W] in [-1, 1] → its latent [C, h, w] in diffusion space.
+
+        The posterior's mode, not a sample: img2img then needs no randomness beyond its seed's noise
+        (a trained KL-f8 posterior is so narrow that the two differ by far less than σ_k ε).
+        """
+        autoencoder = self.model.autoencoder
+        with torch.inference_mode(), self._vae_autocast():
+            posterior = autoencoder.model.encode(image[None].to(self.device))
+        return autoencoder.to_diffusion_space(posterior.mode().float())[0]
+
+    # all steps -----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def __call__(
+        self, jobs: Sequence[ImageJob], settings: SamplingSettings, callback: Optional[Callable[[int, int], None]] = None
+    ) -> torch.Tensor:
+        """Make one batch (same size, same init): images [B, 3, H, W] float32 in [-1, 1] on the CPU."""
+        context = self.encode_prompts([job.prompt for job in jobs]).to(self.device)
+        uncond = self.encode_prompts([settings.negative_prompt]).to(self.device)
+        sigmas = self.sigmas(settings)
+        x, generators = self.prepare_latents(jobs, settings, sigmas)
+        walk = sigmas[settings.start_index():]
+        if settings.draws_noise():
+            latents = []
+            for i, generator in enumerate(generators):
+                denoise = self.guided_denoiser(context[i : i + 1], uncond, settings.guidance_scale)
+                latents.append(sample(settings.sampler, denoise, x[i : i + 1], walk, generator=generator,
+                                      callback=callback, **settings.sampler_options()))
+            x = torch.cat(latents)
+        else:
+            denoise = self.guided_denoiser(context, uncond, settings.guidance_scale)
+            x = sample(settings.sampler, denoise, x, walk, callback=callback, **settings.sampler_options())
+        return self.decode(x)
+
+    def generate(
+        self, jobs: Sequence[ImageJob], settings: SamplingSettings, batch_size: int = 1, progress: bool = True
+    ) -> Iterator[tuple[list[ImageJob], torch.Tensor]]:
+        """Run `jobs` in batches (see `plan_batches`), yielding (batch jobs, images) as each finishes."""
+        batches = plan_batches(jobs, batch_size, one_at_a_time=settings.draws_noise())
+        runs = len(jobs) if settings.draws_noise() else len(batches)
+        steps_per_run = len(self.sigmas(settings)) - 1 - settings.start_index()
+        bar = tqdm(total=runs * steps_per_run, unit="step", desc="sampling", disable=None if progress else True)
+        done = 0
+        try:
+            for batch in batches:
+                bar.set_postfix_str(f"images {done}/{len(jobs)}")
+                images = self(batch, settings, callback=lambda step, total: bar.update(1))
+                done += len(batch)
+                bar.set_postfix_str(f"images {done}/{len(jobs)}")
+                yield batch, images
+        finally:
+            bar.close()
+

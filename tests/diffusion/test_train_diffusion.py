@@ -1,0 +1,152 @@
+"""`train-diffusion` end to end on tiny pieces: resume equivalence, stage checks, DDP, bundles."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL
+from ldm_cli.bundle import load_bundle, write_bundle
+from ldm_cli.config import load_config, to_dict
+from ldm_cli.diffusion.load import load_latent_diffusion
+from ldm_cli.diffusion.train import train_unet
+from ldm_cli.errors import IncompatibleError
+from ldm_cli.latents.encode import encode_dataset
+
+UNET = [
+    "unet=tiny",
+    "unet.block_out_channels=[16,32]",
+    "unet.down_block_types=[CrossAttnDownBlock2D,DownBlock2D]",
+    "unet.up_block_types=[UpBlock2D,CrossAttnUpBlock2D]",
+    "unet.attention_head_dim=2",
+    "unet.norm_num_groups=8",
+    "text_encoder=tiny",
+    "text_encoder.max_length=16",
+]
+TRAIN = [
+    "train=diffusion_tiny",
+    "train.batch_size=4",
+    "train.precision=fp32",
+    "train.log_every=1",
+    "train.eval_every=2",
+    "train.eval_batches=1",
+    "train.image_every=4",
+    "train.checkpoint_every=2",
+    "train.warmup_steps=2",
+    "objective.validation_prompts=[a red circle]",
+    "objective.validation_steps=3",
+    "objective.validation_loss_timesteps=[500]",
+]
+
+
+@pytest.fixture(scope="module")
+def latents(shapes_dir, tmp_path_factory) -> Path:
+    """A random tiny autoencoder (no training needed) and the shapes set encoded with it."""
+    root = tmp_path_factory.mktemp("latents")
+    config = AutoencoderConfig(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4)
+    torch.manual_seed(0)
+    model = AutoencoderKL(config)
+    meta = {"autoencoder": to_dict(config), "latent_scale": 0.5, "latent_shift": 0.0, "resolution": 16}
+    write_bundle(root / "vae", "autoencoder", {"autoencoder": model.state_dict()}, meta)
+    encode_config = load_config("encode", [f"data.path={shapes_dir}", "text_encoder=tiny", "text_encoder.max_length=16"])
+    encode_dataset(root / "vae", encode_config, root / "latents", cache_text=True, device_name="cpu")
+    return root / "latents"
+
+
+def run(latents, out, steps, extra=(), resume=False, init_from=None):
+    overrides = [*UNET, *TRAIN, f"train.max_steps={steps}", *extra]
+    config = load_config("train_diffusion", overrides)
+    return train_unet(config, latents, out, overrides if not resume else [f"train.max_steps={steps}"], resume=resume, device_name="cpu", init_from=init_from)
+
+
+def unet_weights(run_dir):
+    return load_bundle(run_dir, kind="latent-diffusion").tensors("unet")
+
+
+def test_bundle_names_everything_sampling_needs(latents, tmp_path):
+    bundle_path = run(latents, tmp_path / "run", 4, ["train.ema_decay=0.5"])
+    model = load_latent_diffusion(bundle_path)
+    meta = model.bundle.meta
+    assert meta["unet"]["cross_attention_dim"] == 32  # followed the tiny text encoder
+    assert meta["latent_scale"] == 0.5 and meta["resolution"] == 16
+    assert meta["schedule"]["beta_schedule"] == "scaled_linear"
+    assert model.text_encoder.width == 32
+    assert "val_loss" in meta["validation"]
+    assert (tmp_path / "run" / "images" / "step_0000004.png").is_file()
+    out = model.unet(torch.randn(2, 4, 4, 4), torch.tensor([10, 900]), model.text_encoder.encode(["a", "b"]))
+    assert out.shape == (2, 4, 4, 4) and torch.isfinite(out).all()
+
+
+def test_n_steps_resume_n_steps_equals_2n(latents, tmp_path):
+    run(latents, tmp_path / "straight", 4, ["objective.min_snr_gamma=5.0", "objective.offset_noise=0.1"])
+    run(latents, tmp_path / "resumed", 2, ["objective.min_snr_gamma=5.0", "objective.offset_noise=0.1"])
+    run(latents, tmp_path / "resumed", 4, resume=True)
+    straight, resumed = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "resumed")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_text_cache_equals_live_encoding_with_caption_dropout(latents):
+    from ldm_cli.diffusion.text import TextEncoderConfig, load_text_encoder
+    from ldm_cli.diffusion.train import TextConditioning
+    from ldm_cli.latents.dataset import LatentDataset, collate_latents
+
+    data = LatentDataset(latents)
+    encoder = load_text_encoder(TextEncoderConfig(tiny=True, max_length=16))
+    batch = collate_latents([data[i] for i in range(4)])
+    keep = torch.tensor([True, False, True, True])
+    cached = TextConditioning(encoder, torch.device("cpu"), data.uncond_text())(batch, keep)
+    live = TextConditioning(encoder, torch.device("cpu"))({k: v for k, v in batch.items() if k != "text"}, keep)
+    torch.testing.assert_close(cached, live, rtol=0, atol=5e-3)  # the cache stores float16
+    torch.testing.assert_close(cached[1], encoder.encode([""])[0], rtol=0, atol=5e-3)  # dropped → empty prompt
+    assert not torch.allclose(cached[0], cached[1])
+
+
+def test_stage_mismatches_are_named(latents, tmp_path):
+    with pytest.raises(IncompatibleError, match="unet.cross_attention_dim=64 but the text encoder's width is 32"):
+        run(latents, tmp_path / "a", 1, ["unet.cross_attention_dim=64"])
+    with pytest.raises(IncompatibleError, match="unet.in_channels=3 but the latents have 4"):
+        run(latents, tmp_path / "b", 1, ["unet.in_channels=3"])
+    with pytest.raises(IncompatibleError, match="latents are 8x8 but the U-Net downsamples by 16"):
+        run(latents, tmp_path / "c", 1, [
+            "unet.block_out_channels=[16,16,16,16,32]",
+            "unet.down_block_types=[DownBlock2D,DownBlock2D,DownBlock2D,CrossAttnDownBlock2D,DownBlock2D]",
+            "unet.up_block_types=[UpBlock2D,CrossAttnUpBlock2D,UpBlock2D,UpBlock2D,UpBlock2D]",
+        ])
+    assert not (tmp_path / "a").exists()  # nothing written before the checks
+
+
+def test_fine_tune_from_a_bundle(latents, tmp_path):
+    base = run(latents, tmp_path / "base", 2)
+    tuned = run(latents, tmp_path / "tuned", 2, init_from=base)
+    assert load_bundle(tuned).meta["unet"] == load_bundle(base).meta["unet"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_on_the_same_global_batch(latents, tmp_path):
+    common = [*UNET, *TRAIN, "train.max_steps=2", "objective.caption_dropout=0.5"]
+    single = load_config("train_diffusion", [*common, "train.batch_size=4"])
+    train_unet(single, latents, tmp_path / "single", [*common, "train.batch_size=4"], device_name="cpu")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        "-m", "ldm_cli.cli", "train-diffusion", "--latents", str(latents), "--out", str(tmp_path / "ddp"),
+        "--device", "cpu", *common, "train.batch_size=2",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    single_weights, ddp_weights = unet_weights(tmp_path / "single"), unet_weights(tmp_path / "ddp")
+    for key in single_weights:
+        torch.testing.assert_close(ddp_weights[key], single_weights[key], rtol=1e-4, atol=1e-5, msg=key)
