@@ -92,6 +92,17 @@ def eval_vae(
     typer.echo(json.dumps(metrics, indent=2) if as_json else "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in metrics.items()))
 
 
+@app.command("quickstart")
+def quickstart(
+    out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Where every stage's run directory goes."),
+    device: str = DEVICE,
+) -> None:
+    """Run the whole pipeline on the built-in shapes data (CPU-sized): data → VAE → latents → U-Net → samples."""
+    from ldm_cli.quickstart import print_summary, run_quickstart
+
+    print_summary(out, run_quickstart(out, device_name=device))
+
+
 @app.command("eval-samples")
 def eval_samples(
     real: Path = typer.Option(..., "--real", help="Folder of real images."),
@@ -297,6 +308,10 @@ def convert_command(
 
 
 def main() -> None:
+    import os
+
+    # transformers/hub draw a progress bar per weight file loaded; ours are the ones that matter
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     debug = "--debug" in sys.argv
     try:
         app(standalone_mode=False)

@@ -63,6 +63,79 @@ def write_training_shapes(out: Path, count: int, size: int) -> Path:
     return out
 
 
+def _sample(model: Path, out: Path, prompts: list[str], device_name: str, **options) -> list[Path]:
+    from ldm_cli.config import SampleConfig
+    from ldm_cli.sampling.commands import SampleRequest, run_img2img, run_sample
+
+    request = SampleRequest(
+        out=out, model=model, prompts=prompts, steps=PRESET["sample_steps"], guidance_scale=PRESET["guidance_scale"],
+        batch_size=16, device=device_name, **options,
+    )
+    return (run_img2img if request.init else run_sample)(request, SampleConfig()).images
+
+
+def _read(paths: list[Path]):
+    import torch
+
+    from ldm_cli.data.images import load_image_rgb, pil_to_tensor
+
+    return torch.stack([pil_to_tensor(load_image_rgb(path)) for path in paths])
+
+
+def prompt_grid(model: Path, out: Path, prompts: list[str], device_name: str, per_prompt: int = 4) -> Path:
+    """`per_prompt` seeds of each prompt, one row per prompt, labelled."""
+    from ldm_cli.grid import labelled_grid, save_image
+
+    paths = _sample(model, out, prompts, device_name, num_images=per_prompt)
+    grid = out / "grid.png"
+    save_image(labelled_grid(_read(paths), prompts, columns=per_prompt, scale=3), grid)
+    return grid
+
+
+def img2img_strip(model: Path, init: Path, out: Path, device_name: str, strengths=(0.3, 0.5, 0.7, 0.9)) -> Path:
+    """The init image, then img2img towards a blue circle at increasing strengths."""
+    import torch
+    import torch.nn.functional as F
+
+    from ldm_cli.grid import labelled_grid, save_image
+
+    prompt = "a large blue circle in the center on a white background"
+    images = _read([_sample(model, out, [prompt], device_name, init=init, strength=s)[0] for s in strengths])
+    init_image = F.interpolate(_read([init]), size=images.shape[-2:], mode="bilinear", antialias=True)
+    label = f"init, then strength {', '.join(str(s) for s in strengths)}"
+    strip = out / "strengths.png"
+    save_image(labelled_grid(torch.cat([init_image, images]), [label], columns=len(strengths) + 1, scale=3), strip)
+    return strip
+
+
+def adherence(model: Path, out: Path, device_name: str) -> dict[str, float]:
+    from PIL import Image
+
+    from ldm_cli.eval.adherence import adherence_prompts, score_adherence
+
+    prompts = adherence_prompts(PRESET["adherence_prompts"])
+    paths = _sample(model, out, prompts, device_name, seed=1000)
+    scores = score_adherence([Image.open(path).convert("RGB") for path in paths], prompts)
+    typer.echo("      " + ", ".join(f"{name} {value:.0%}" for name, value in scores.items()))
+    return scores
+
+
+def print_summary(out: Path, summary: dict) -> None:
+    adherence_scores, vae = summary["adherence"], summary["vae"]
+    typer.secho(f"\nquickstart finished in {summary['total_seconds'] / 60:.1f} min", bold=True)
+    typer.echo(f"  autoencoder: held-out PSNR {vae['psnr']:.2f} dB, SSIM {vae['ssim']:.3f}")
+    typer.echo(
+        f"  prompt adherence: colour {adherence_scores['colour']:.0%}, shape {adherence_scores['shape']:.0%}, "
+        f"both {adherence_scores['colour_and_shape']:.0%} (of {PRESET['adherence_prompts']} random prompts)"
+    )
+    typer.echo(f"  sample grid: {out / 'samples' / 'grid.png'}   img2img: {out / 'img2img' / 'strengths.png'}")
+    typer.echo("\ncontinue from here:")
+    typer.echo(f"  ldm sample --model {out / 'diffusion'} --prompt \"a large red square in the center on a black background\" -n 4 --out {out / 'mine'}")
+    typer.echo(f"  ldm img2img --model {out / 'diffusion'} --init {out / 'data' / '00001.png'} --prompt \"a large green circle in the center on a white background\" --strength 0.6 --out {out / 'mine'}")
+    typer.echo(f"  ldm train-diffusion --latents {out / 'latents'} --out {out / 'diffusion'} --resume train.max_steps=6000   # train longer")
+    typer.echo(f"  ldm train-vae --data YOUR_IMAGES --out runs/my-vae autoencoder=kl_f8 data.resolution=256")
+
+
 def _stage(number: int, title: str) -> float:
     typer.secho(f"\n[{number}/7] {title}", bold=True)
     return time.perf_counter()
@@ -112,15 +185,19 @@ def run_quickstart(out: Path, device_name: str = "auto", extra_vae: list[str] = 
         train_unet(config, out / "latents", out / "diffusion", diffusion_overrides, device_name=device_name)
     _done(started, timings, "train-diffusion")
 
-    from ldm_cli.quickstart_sampling import adherence, grid_and_img2img
+    model = out / "diffusion"
+    started = _stage(5, "ldm sample: prompt grid, incl. colour/shape pairs never seen together")
+    grid = prompt_grid(model, out / "samples", GRID_PROMPTS, device_name)
+    typer.echo(f"      grid: {grid}")
+    _done(started, timings, "sample")
 
-    started = _stage(5, "ldm sample (prompt grid, incl. colour/shape pairs never seen together)")
-    started_img2img = grid_and_img2img(out, GRID_PROMPTS, PRESET, device_name, lambda: _stage(6, "ldm img2img (one image, several strengths)"))
-    timings["sample"] = started_img2img - started
-    _done(started_img2img, timings, "img2img")
+    started = _stage(6, "ldm img2img: one training image, turned blue at several strengths")
+    strip = img2img_strip(model, data / "00000.png", out / "img2img", device_name)
+    typer.echo(f"      strip: {strip}")
+    _done(started, timings, "img2img")
 
-    started = _stage(7, f"prompt adherence on {PRESET['adherence_prompts']} random prompts")
-    scores = adherence(out, PRESET, device_name)
+    started = _stage(7, f"prompt adherence: {PRESET['adherence_prompts']} random prompts, scored by a shape classifier")
+    scores = adherence(model, out / "adherence", device_name)
     _done(started, timings, "adherence")
 
     summary = {"vae": vae_meta["holdout_metrics"], "adherence": scores, "seconds": timings, "total_seconds": time.perf_counter() - total_start}

@@ -6,9 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# tests run in parallel (pytest -n 2): one intra-op thread per worker avoids oversubscription
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

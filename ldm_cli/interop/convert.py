@@ -46,7 +46,7 @@ from ldm_cli.interop.sd_keys import (
     unet_sd_to_diffusers,
     vae_sd_to_diffusers,
 )
-from ldm_cli.interop.single_file import StateDict, read_checkpoint, read_folder_weights
+from ldm_cli.interop.single_file import StateDict, find_weights, read_checkpoint, read_folder_weights
 
 Log = Callable[[str], None]
 
@@ -209,7 +209,7 @@ def _read_source(source: Path, options: ImportOptions, scratch: Path, log: Log) 
     tensors, metadata = read_checkpoint(source)
     hints = _ldm_hints(metadata)
     layout = _classify(tensors, source)
-    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    dtype = _dtype(tensors)
     if layout == "sd":
         log(f"source: {source} (original Stable Diffusion layout, {len(tensors)} tensors, {dtype})")
         return _from_sd_single_file(tensors, hints, options, scratch, log, source)
@@ -283,13 +283,15 @@ def _from_sd_single_file(
     unknown = sorted(k for k in parts["other"] if k not in _SD_BUFFERS and not k.startswith(EMA_PREFIX))
     other_text = [k for k in unknown if k.startswith("cond_stage_model.")]
     if unknown:
-        log(f"ignored {len(unknown)} tensors outside the U-Net/VAE/CLIP parts: {', '.join(unknown[:4])}{', ...' if len(unknown) > 4 else ''}")
+        shown = ", ".join(unknown[:4]) + (", ..." if len(unknown) > 4 else "")
+        log(f"ignored {len(unknown)} tensors outside the U-Net/VAE/CLIP parts: {shown}")
 
     if parts["text_encoder"]:
         weights = text_sd_to_transformers(parts["text_encoder"])
         tokenizer, tokenizer_origin = _find_tokenizer(options.text_encoder, None, _clip_width(weights), source)
         clip_config = _clip_config(weights, tokenizer, hints.get("text_encoder_hf"))
-        text = _bundle_clip(weights, clip_config, tokenizer, scratch / "text_encoder", f"{source.name} (CLIP weights), tokenizer from {tokenizer_origin}")
+        origin = f"{source.name} (CLIP weights), tokenizer from {tokenizer_origin}"
+        text = _bundle_clip(weights, clip_config, tokenizer, scratch / "text_encoder", origin)
     elif other_text and options.text_encoder is None:
         raise IncompatibleError(
             f"{source} holds a text encoder in a layout ldm cannot read ({other_text[0]}, e.g. SD 2's OpenCLIP); "
@@ -400,7 +402,9 @@ def _from_diffusers_pipeline(folder: Path, options: ImportOptions, scratch: Path
     if scheduler_config.is_file():
         raw_schedule = _read_json(scheduler_config)
         if raw_schedule.get("trained_betas") is not None:
-            raise IncompatibleError(f"{scheduler_config} lists trained_betas; ldm supports {', '.join(_BETA_SCHEDULES)} schedules")
+            raise IncompatibleError(
+                f"{scheduler_config} lists trained_betas; ldm supports {', '.join(_BETA_SCHEDULES)} schedules"
+            )
         origin = f"scheduler/ ({raw_schedule.get('_class_name', 'scheduler')})"
     else:
         raw_schedule, origin = {}, "SD v1 defaults (no scheduler/scheduler_config.json)"
@@ -423,7 +427,8 @@ def _diffusers_vae(folder: Path, resolution: Optional[int], log: Log) -> Importe
             raise IncompatibleError(f"{folder}: {name}={raw[name]} — ldm's autoencoder has {block} blocks only")
     if raw.get("latents_mean") is not None or raw.get("latents_std") is not None:
         log("note: the VAE config's latents_mean/latents_std are ignored (as StableDiffusionPipeline does)")
-    fields = {f.name: raw[f.name] for f in dataclasses.fields(AutoencoderConfig) if f.name in raw and f.name != "gradient_checkpointing"}
+    names = {f.name for f in dataclasses.fields(AutoencoderConfig)} - {"gradient_checkpointing"}
+    fields = {name: raw[name] for name in names if name in raw}
     config = _checked(lambda: from_dict(fields, AutoencoderConfig), "autoencoder")
     weights = read_folder_weights(folder, "diffusion_pytorch_model")
     return ImportedAutoencoder(
@@ -456,7 +461,8 @@ def _diffusers_text(folder: Path, option: Optional[str], scratch: Path) -> Impor
         # through the SD map and back: one CLIP layout whatever transformers wrote it, unknown keys refused
         weights = text_sd_to_transformers(text_transformers_to_sd(read_folder_weights(model_dir, "model")))
         clip_config = CLIPTextConfig.from_pretrained(str(model_dir))
-        return _bundle_clip(weights, clip_config, tokenizer, scratch / "text_encoder", f"{model_dir}, tokenizer from {tokenizer_origin}")
+        origin = f"{model_dir}, tokenizer from {tokenizer_origin}"
+        return _bundle_clip(weights, clip_config, tokenizer, scratch / "text_encoder", origin)
     # another encoder family (BERT, T5, ...): transformers reads its own folder, we only add the tokenizer
     target = scratch / "text_encoder"
     shutil.copytree(model_dir, target)
@@ -595,11 +601,24 @@ def _load_text_folder(folder: Path, origin: str, dtype: torch.dtype | None = Non
     hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     positions = getattr(hf_config, "max_position_embeddings", 77)
     config = TextEncoderConfig(pretrained=str(folder), max_length=min(77, positions))
-    if dtype is None:
-        dtype = next(iter(read_folder_weights(folder, "model").values())).dtype
-    encoder = load_text_encoder(config, dtype=dtype)
+    encoder = load_text_encoder(config, dtype=dtype or _stored_dtype(folder))
     parameters = sum(p.numel() for p in encoder.model.parameters())
     return ImportedText(config, encoder, origin, parameters)
+
+
+def _stored_dtype(folder: Path) -> torch.dtype:
+    """The dtype of a text encoder's safetensors weights (read from the header), so bundling keeps it."""
+    from safetensors import safe_open
+
+    try:
+        first = find_weights(folder, "model")[0]
+    except MissingWeightsError:
+        return torch.float32  # e.g. pytorch_model.bin: transformers reads it, in float32
+    if first.suffix != ".safetensors":
+        return torch.float32
+    with safe_open(str(first), framework="pt") as handle:
+        keys = list(handle.keys())
+        return handle.get_tensor(keys[0]).dtype if keys else torch.float32
 
 
 def _referenced_text(option: Optional[str], context_dim: int, scratch: Path, log: Log) -> ImportedText:
@@ -691,12 +710,20 @@ def _millions(weights: Mapping[str, torch.Tensor] | int) -> str:
 
 
 def _dtype(weights: Mapping[str, torch.Tensor]) -> str:
-    return ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in weights.values()}))
+    """The dtype holding most of the values (schedule buffers and ids do not count)."""
+    sizes: dict[torch.dtype, int] = {}
+    for tensor in weights.values():
+        sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
+    return str(max(sizes, key=sizes.get)).removeprefix("torch.")
 
 
 def _describe_autoencoder(autoencoder: ImportedAutoencoder, log: Log) -> None:
     _check_autoencoder(autoencoder.weights, autoencoder.config)
     config = autoencoder.config
+    if autoencoder.resolution % config.downsampling_factor:
+        raise UsageError(
+            f"--resolution {autoencoder.resolution} is not a multiple of the autoencoder's factor {config.downsampling_factor}"
+        )
     shift = f", shift {autoencoder.latent_shift}" if autoencoder.latent_shift else ""
     log(
         f"autoencoder: {_millions(autoencoder.weights)} parameters ({_dtype(autoencoder.weights)}), channels "
@@ -712,7 +739,8 @@ def _describe(model: ImportedModel, log: Log) -> None:
     _check_unet(model.unet_weights, unet)
     if unet.in_channels != model.autoencoder.config.latent_channels:
         raise IncompatibleError(
-            f"the U-Net reads {unet.in_channels} channels but the VAE makes {model.autoencoder.config.latent_channels}-channel latents"
+            f"the U-Net reads {unet.in_channels} channels but the VAE makes "
+            f"{model.autoencoder.config.latent_channels}-channel latents"
         )
     if text.encoder is not None and text.encoder.width != unet.cross_attention_dim:
         raise IncompatibleError(

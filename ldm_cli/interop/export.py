@@ -68,7 +68,9 @@ def _read_model(path: str | Path) -> _Model:
     meta = bundle.meta
     autoencoder = load_bundle(bundle.path / meta["autoencoder"]["path"], kind="autoencoder")
     if autoencoder.content_hash != meta["autoencoder"]["content_hash"]:
-        raise BundleError(f"the autoencoder in {autoencoder.path} is not the one this model was trained with (content hash differs)")
+        raise BundleError(
+            f"the autoencoder in {autoencoder.path} is not the one this model was trained with (content hash differs)"
+        )
     return _Model(
         bundle=bundle,
         unet_config=from_dict(meta["unet"], UNetConfig),
@@ -207,7 +209,8 @@ def export_diffusers(bundle_path: str | Path, out: str | Path, log: Log = print)
         _write_json(target / "unet" / "config.json", diffusers_unet_config(model))
         write_safetensors(model.unet_weights, target / "unet" / "diffusion_pytorch_model.safetensors", provenance)
         _write_json(target / "vae" / "config.json", diffusers_vae_config(model))
-        write_safetensors(model.autoencoder.tensors("autoencoder"), target / "vae" / "diffusion_pytorch_model.safetensors", provenance)
+        vae_weights = model.autoencoder.tensors("autoencoder")
+        write_safetensors(vae_weights, target / "vae" / "diffusion_pytorch_model.safetensors", provenance)
         _write_json(target / "scheduler" / "scheduler_config.json", diffusers_scheduler_config(model.schedule))
         _write_json(target / "model_index.json", {
             "_class_name": "StableDiffusionPipeline",

@@ -346,7 +346,7 @@ def run_sample(request: SampleRequest, config: SampleConfig) -> Written:
     device = resolve_device(request.device)
     precision = resolve_precision(request.precision, device)
     settings = _settings(request, config, strength=1.0)
-    settings.validate(num_train_timesteps=10**9)  # the model's own limit is checked once it is loaded
+    settings.validate()  # the model's own step limit is checked once it is loaded
     model = _load_model(request.model, device)
     settings.validate(model.schedule.num_train_timesteps)
     settings.height = request.height or model.resolution
@@ -373,7 +373,7 @@ def run_img2img(request: SampleRequest, config: SampleConfig) -> Written:
     device = resolve_device(request.device)
     precision = resolve_precision(request.precision, device)
     settings = _settings(request, config, strength=request.strength)
-    settings.validate(num_train_timesteps=10**9)
+    settings.validate()
     init_paths = list_init_images(request.init)
     model = _load_model(request.model, device)
     settings.validate(model.schedule.num_train_timesteps)
@@ -429,10 +429,10 @@ def run_replay(
         width=int(meta["width"]), strength=float(meta["strength"]) if img2img else 1.0,
         timestep_spacing=meta["timestep_spacing"], karras_sigmas=bool(meta["karras_sigmas"]),
     )
-    settings.validate(num_train_timesteps=10**9)
+    settings.validate()
     init_path = Path(init or meta.get("init_image") or "") if img2img else None
     if init_path is not None and not init_path.is_file():
-        raise DataError(f"the init image of {image} ({init_path}) is not here; pass --init")
+        raise DataError(f"the init image of {image} is no longer at {init_path}; put it back there to replay")
     if init_path is not None and file_sha256(init_path) != meta["init_sha256"]:
         raise DataError(f"{init_path} is not the init image {image} was made from (its sha256 differs)")
     loaded = _load_model(model, device)

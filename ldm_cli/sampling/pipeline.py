@@ -74,8 +74,9 @@ class SamplingSettings:
         """SDEdit's first step k = S − int(S · strength): strength 1 → 0 (all steps), 0 → S (none)."""
         return self.steps - int(self.steps * self.strength)
 
-    def validate(self, num_train_timesteps: int) -> None:
-        """Raise UsageError / ConfigError on a value no run could use (before anything is written)."""
+    def validate(self, num_train_timesteps: Optional[int] = None) -> None:
+        """Raise UsageError / ConfigError on a value no run could use (before anything is written);
+        the steps are checked against `num_train_timesteps` once the model is known."""
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if self.eta is not None:
@@ -86,7 +87,7 @@ class SamplingSettings:
                 raise UsageError(f"--eta must be >= 0, got {self.eta}")
         if self.steps < 1:
             raise UsageError(f"--steps must be a positive integer, got {self.steps}")
-        if not self.karras_sigmas and self.steps > num_train_timesteps:
+        if num_train_timesteps is not None and not self.karras_sigmas and self.steps > num_train_timesteps:
             raise UsageError(f"--steps {self.steps} exceeds the model's {num_train_timesteps} training timesteps")
         if not 0.0 <= self.strength <= 1.0:
             raise UsageError(f"--strength must be between 0 and 1, got {self.strength}")
@@ -139,18 +140,22 @@ def plan_batches(jobs: Sequence[ImageJob], batch_size: int, one_at_a_time: bool 
     size = 1 if one_at_a_time else max(1, batch_size)
     batches: list[list[ImageJob]] = []
     for job in jobs:
-        key = job.init.key if job.init is not None else None
-        last = batches[-1] if batches else None
-        if last and len(last) < size and (last[0].init.key if last[0].init is not None else None) == key:
-            last.append(job)
+        if batches and len(batches[-1]) < size and _init_key(batches[-1][0]) == _init_key(job):
+            batches[-1].append(job)
         else:
             batches.append([job])
     return batches
 
 
-def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
-    """The standard normal noise of the image with this seed: float32, on the CPU, the same everywhere."""
-    return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+def _init_key(job: ImageJob) -> Optional[str]:
+    return job.init.key if job.init is not None else None
+
+
+def initial_noise(seed: int, shape: Sequence[int], generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The start noise ε of the image with this seed: float32, drawn on the CPU, so the same on every device.
+    Pass `generator` (seeded with `seed`) to keep drawing from the same stream afterwards."""
+    generator = generator if generator is not None else torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------- pipeline
@@ -166,6 +171,7 @@ class SamplingPipeline:
         precision: str = "fp32",
         tile_decode_above: int = 1024,
         tile_latent_size: int = 64,
+        channels_last: Optional[bool] = None,
     ) -> None:
         self.model = model
         self.device = torch.device(device)
@@ -176,7 +182,8 @@ class SamplingPipeline:
         # call); the text encoder runs once per prompt and stays float32. The autoencoder stays float32
         # too and decodes under bf16 autocast only: SD's VAE can overflow in fp16.
         self.unet_dtype = DTYPES[precision]
-        self.channels_last = self.device.type == "cuda"  # tensor-core convolutions want NHWC
+        # tensor-core convolutions want NHWC; None: on CUDA only
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         model.unet.to(device=self.device, dtype=self.unet_dtype)
         if self.channels_last:
             model.unet.to(memory_format=torch.channels_last)
@@ -228,8 +235,7 @@ class SamplingPipeline:
         job's own generator; the generators are returned so that sampler noise continues their streams."""
         generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
         noise = torch.stack([
-            torch.randn(self.latent_shape(job, settings), generator=generator, dtype=torch.float32)
-            for job, generator in zip(jobs, generators)
+            initial_noise(job.seed, self.latent_shape(job, settings), generator) for job, generator in zip(jobs, generators)
         ]).to(self.device)
         start = settings.start_index()
         if jobs[0].init is None or start == 0:

@@ -242,6 +242,14 @@ def test_bf16_precision_samples_close_to_fp32(model, pipe):
     assert images.dtype == torch.float32 and (images - reference).abs().mean() < 0.05
 
 
+def test_channels_last_gives_the_same_images(model, pipe):
+    jobs, settings = [ImageJob("a red circle", 4), ImageJob("", 5)], SamplingSettings(steps=4, sampler="euler", **SIZE)
+    reference = pipe(jobs, settings)
+    nhwc = SamplingPipeline(load_latent_diffusion(model.bundle.path), "cpu", "fp32", channels_last=True)
+    assert nhwc.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(nhwc(jobs, settings), reference, atol=1e-4, rtol=0)
+
+
 # ---- batches, settings and sizes ----
 
 
@@ -268,6 +276,9 @@ def test_plan_batches_never_mixes_init_images():
 def test_settings_refuse_bad_values(settings, error, message):
     with pytest.raises(error, match=message):
         SamplingSettings(**settings).validate(1000)
+    if "training timesteps" not in message:  # the rest need no model
+        with pytest.raises(error, match=message):
+            SamplingSettings(**settings).validate()
 
 
 def test_which_samplers_draw_noise():

@@ -1,0 +1,302 @@
+"""Shared pieces of the benchmark scripts: environment header, interleaved timing, peak memory, tables.
+
+Timing: every case is warmed up, then the cases run in interleaved rounds (A B C, then C B A, ...)
+so that drift in machine load hits all of them alike; each case reports the median of its rounds.
+
+Peak memory (`measure_memory`): each case is built from nothing, warmed up, then run once more
+while its peak is recorded; it reports, above the memory in use before the case was built,
+  held  what stays allocated between steps (weights, optimizer state, caches), and
+  peak  the highest point during the measured call (held + activations, gradients, temporaries).
+On CUDA these are `torch.cuda` allocated bytes, measured in this process. On the CPU they are
+resident set sizes (RSS) of a fresh `spawn`ed process per side, so that neither side inherits the
+other's allocations; the peak comes from the kernel's high-water mark (VmHWM), reset right before
+the measured call, after returning freed heap pages to the system (malloc_trim).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import multiprocessing
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+MiB = 2**20
+PRECISIONS = ("fp32", "bf16")
+
+# A case builder makes everything one case needs and returns the call to measure (a closure holding it).
+Builder = Callable[[], Callable[[], Any]]
+
+
+# -------------------------------------------------------------------------------------- arguments
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser, presets: dict[str, str], default_preset: str,
+    resolution_help: str = "image side in pixels (default: the preset's)",
+) -> None:
+    """--preset, --batch-size, --resolution, --repeats, --warmup, --device, --precision, --threads."""
+    preset_help = "; ".join(f"{name}: {text}" for name, text in presets.items())
+    parser.add_argument("--preset", choices=list(presets), default=default_preset, help=f"architecture size ({preset_help})")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the preset's)")
+    parser.add_argument("--resolution", type=int, default=None, help=resolution_help)
+    parser.add_argument("--repeats", "--steps", dest="repeats", type=int, default=None,
+                        help="measured repetitions per case; the median is reported (default: the preset's)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured repetitions per case first (default 1)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def precisions(choice: str) -> list[str]:
+    return list(PRECISIONS) if choice == "both" else [choice]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Threads, device, and a header saying what this run measures on."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
+    print_environment(device)
+    return device
+
+
+# ------------------------------------------------------------------------------------ environment
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def _cpu_bf16() -> str:
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+        found = [flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags]
+        return ", ".join(found) if found else "no native bf16"
+    return "unknown"
+
+
+def print_environment(device: torch.device) -> None:
+    import diffusers
+
+    load = ""
+    with contextlib.suppress(OSError):
+        load = f", load average {os.getloadavg()[0]:.1f}"
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}")
+    print(f"cpu: {_cpu_name()} ({os.cpu_count()} cores, {_cpu_bf16()}{load}); torch threads: {torch.get_num_threads()}")
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        print(f"device: cuda ({properties.name}, {properties.total_memory / 2**30:.0f} GiB)")
+    else:
+        print("device: cpu")
+    print()
+
+
+# ----------------------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(
+    cases: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds per call of each case, measured in alternating-order rounds (A B, B A, ...)."""
+    names = list(cases)
+    for name in names:
+        for _ in range(warmup):
+            cases[name]()
+    synchronize(device)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        order = names if round_index % 2 == 0 else names[::-1]  # cancels linear drift in machine load
+        for name in order:
+            synchronize(device)
+            start = time.perf_counter()
+            cases[name]()
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+# ----------------------------------------------------------------------------------------- memory
+
+
+@dataclass
+class MemoryReading:
+    held: int  # bytes still allocated after the case was built and warmed up
+    peak: int  # bytes at the highest point of the measured call
+
+    def __str__(self) -> str:
+        return f"{self.peak / MiB:.0f}"
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _release_freed_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap pages back to the kernel: RSS then means "in use"
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux >= 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_in_process(build: Builder, warmup: int, device: torch.device) -> MemoryReading | None:
+    """Build one case here and measure it (see the module docstring for what is measured)."""
+    if device.type == "cuda":
+        synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        call = build()
+        for _ in range(warmup):
+            call()
+        synchronize(device)
+        held = torch.cuda.memory_allocated(device) - start
+        torch.cuda.reset_peak_memory_stats(device)
+        call()
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - start
+        del call
+        gc.collect()
+        torch.cuda.empty_cache()
+        return MemoryReading(held, peak)
+    _release_freed_memory()
+    start = _status_kib("VmRSS") * 1024
+    call = build()
+    for _ in range(warmup):
+        call()
+    _release_freed_memory()
+    held = _status_kib("VmRSS") * 1024 - start
+    if not _reset_peak_rss():
+        return None
+    call()
+    peak = _status_kib("VmHWM") * 1024 - start
+    del call
+    _release_freed_memory()
+    return MemoryReading(held, peak)
+
+
+def _memory_worker(make_builders: Callable[..., dict[str, Builder]], payload: Any, warmup: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    return {name: measure_in_process(build, warmup, device) for name, build in make_builders(payload).items()}
+
+
+def measure_memory(
+    groups: list[list[str]],
+    make_builders: Callable[[Any, list[str]], dict[str, Builder]],
+    payload: Any,
+    warmup: int,
+    device: torch.device,
+) -> dict[str, MemoryReading | None]:
+    """Peak memory of every case. `make_builders(payload, names)` must be a module-level function
+    (the CPU path calls it in a spawned process); cases of one group share one fresh process."""
+    readings: dict[str, MemoryReading | None] = {}
+    if device.type == "cuda":
+        for names in groups:
+            for name, build in make_builders(payload, names).items():
+                readings[name] = measure_in_process(build, warmup, device)
+        return readings
+    context = multiprocessing.get_context("spawn")
+    for names in groups:
+        with context.Pool(1) as pool:
+            readings |= pool.apply(_memory_worker, (_Bound(make_builders, names), payload, warmup, torch.get_num_threads()))
+    return readings
+
+
+class _Bound:
+    """make_builders with its case names fixed (picklable, unlike a lambda)."""
+
+    def __init__(self, make_builders: Callable[[Any, list[str]], dict[str, Builder]], names: list[str]) -> None:
+        self.make_builders, self.names = make_builders, names
+
+    def __call__(self, payload: Any) -> dict[str, Builder]:
+        return self.make_builders(payload, self.names)
+
+
+def memory_note(device: torch.device) -> str:
+    if device.type == "cuda":
+        return ("peak MiB: torch.cuda.max_memory_allocated during one measured call, above the allocation before "
+                "the case was built (so it includes weights and optimizer state)")
+    return ("peak MiB: RSS high-water mark during one measured call, above the RSS before the case was built "
+            "(weights, optimizer state, activations), each side in its own fresh spawned process")
+
+
+# ----------------------------------------------------------------------------------------- output
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [[str(cell) for cell in row] for row in [headers, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for index, row in enumerate(cells):
+        print("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths))))
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+
+
+def ratio(numerator: float | None, denominator: float | None) -> str:
+    if numerator is None or denominator is None or denominator == 0:
+        return "n/a"
+    return f"{numerator / denominator:.2f}x"
+
+
+def verdict(value: float, target: float, at_least: bool = True) -> str:
+    met = value >= target if at_least else value <= target
+    return f"{'met' if met else 'NOT met'} (target {'>=' if at_least else '<='} {target:g})"
+
+
+def mib(reading: MemoryReading | None) -> str:
+    return "n/a" if reading is None else f"{reading.peak / MiB:.0f}"
+
+
+def count_flops(call: Callable[[], Any]) -> int:
+    """FLOPs of one call (matmuls and convolutions, forward and backward), by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return counter.get_total_flops()
+
+
+def matmul_call(device: torch.device, dtype: torch.dtype, size: int = 2048) -> tuple[Callable[[], Any], int]:
+    """A plain size x size matmul, the reference for achievable FLOP/s: (the call to time, its FLOPs)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    return (lambda: torch.mm(a, b)), 2 * size**3

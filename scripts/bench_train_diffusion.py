@@ -1,0 +1,227 @@
+"""U-Net training throughput: our UNet beside diffusers' UNet2DConditionModel, same weights, same batch.
+
+One step = draw noise and timesteps, noise the latents, predict ε with the text context, MSE,
+backward, AdamW step; bf16 means torch.autocast(bf16) around the forward, for both sides.
+Both models get identical weights (our state_dict loads strictly into diffusers) and are timed in
+the same run, interleaved. `--variants` adds our model in channels_last and with bf16 weights.
+
+    python scripts/bench_train_diffusion.py                      # tiny U-Net, 8x8 latents, batch 64
+    python scripts/bench_train_diffusion.py --preset small --repeats 3
+    python scripts/bench_train_diffusion.py --preset sd15 --device cuda --variants
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_common as bench  # noqa: E402
+
+from ldm_cli.config import CONFIG_DIR, from_dict  # noqa: E402
+from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig  # noqa: E402
+from ldm_cli.diffusion.unet import UNet, UNetConfig  # noqa: E402
+from ldm_cli.training.precision import autocast  # noqa: E402
+
+
+@dataclass
+class Preset:
+    unet: str  # configs/unet/<name>.yaml
+    latent_size: int
+    batch_size: int
+    context_length: int
+    repeats: int
+    description: str
+
+
+PRESETS = {
+    "tiny": Preset("tiny", 8, 64, 32, 5, "configs/unet/tiny.yaml (~4.6M params), 8x8 latents, batch 64"),
+    "small": Preset("small", 16, 16, 32, 3, "configs/unet/small.yaml (~41M params), 16x16 latents, batch 16"),
+    "sd15": Preset("sd15", 64, 1, 77, 5, "SD-1.5 U-Net (860M params), 64x64 latents, batch 1; GPU only"),
+}
+
+
+@dataclass
+class Case:
+    side: str  # "ours" | "diffusers"
+    precision: str  # autocast precision: fp32 | bf16; "bf16-weights" casts the model itself
+    channels_last: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.side} {self.precision}" + (" channels_last" if self.channels_last else "")
+
+
+@dataclass
+class Payload:
+    """Everything a (possibly spawned) process needs to rebuild the cases."""
+
+    unet_config: dict
+    latent_size: int
+    batch_size: int
+    context_length: int
+    seed: int
+    device: str
+    cases: dict[str, Case]
+
+
+def load_unet_config(name: str) -> UNetConfig:
+    return from_dict(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "unet" / f"{name}.yaml")), UNetConfig)
+
+
+def build_model(payload: Payload, case: Case) -> tuple[torch.nn.Module, Callable[..., torch.Tensor]]:
+    """The case's model with the shared seed's weights, and a forward(x_t, t, context) -> prediction."""
+    from diffusers import UNet2DConditionModel
+
+    config = from_dict(payload.unet_config, UNetConfig)
+    torch.manual_seed(payload.seed)
+    ours = UNet(config)
+    if case.side == "ours":
+        model, forward = ours, ours
+    else:
+        model = UNet2DConditionModel(**config.to_diffusers_config())
+        model.load_state_dict(ours.state_dict(), strict=True)  # parameter names are diffusers'
+        del ours
+
+        def forward(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            return model(x, t, encoder_hidden_states=context, return_dict=False)[0]
+
+    weights_dtype = torch.bfloat16 if case.precision == "bf16-weights" else torch.float32
+    memory_format = torch.channels_last if case.channels_last else torch.contiguous_format
+    model.to(device=payload.device, dtype=weights_dtype, memory_format=memory_format).train()
+    return model, forward
+
+
+def build_step(payload: Payload, case: Case, models: dict | None = None) -> Callable[[], float]:
+    """One training step of `case` as a closure. `models` shares a model between autocast precisions."""
+    device = torch.device(payload.device)
+    key = (case.side, case.precision == "bf16-weights", case.channels_last)
+    if models is not None and key in models:
+        model, forward, optimizer = models[key]
+    else:
+        model, forward = build_model(payload, case)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)  # DiffusionTrainer's optimizer
+        if models is not None:
+            models[key] = model, forward, optimizer
+    config = from_dict(payload.unet_config, UNetConfig)
+    schedule = NoiseSchedule(ScheduleConfig()).to(device)
+    generator = torch.Generator().manual_seed(payload.seed + 1)
+    shape = (payload.batch_size, config.in_channels, payload.latent_size, payload.latent_size)
+    x0 = torch.randn(shape, generator=generator).to(device)
+    context = torch.randn(payload.batch_size, payload.context_length, config.cross_attention_dim, generator=generator).to(device)
+    pure_bf16 = case.precision == "bf16-weights"
+    input_dtype = torch.bfloat16 if pure_bf16 else torch.float32
+    memory_format = torch.channels_last if case.channels_last else torch.contiguous_format
+    autocast_precision = "bf16" if case.precision == "bf16" else "fp32"
+
+    def step() -> float:
+        noise = torch.randn(shape, device=device)
+        timesteps = torch.randint(0, schedule.num_train_timesteps, (shape[0],), device=device)
+        x_t = schedule.add_noise(x0, noise, timesteps).to(input_dtype).contiguous(memory_format=memory_format)
+        with autocast(autocast_precision, device):
+            prediction = forward(x_t, timesteps, context.to(input_dtype))
+        loss = F.mse_loss(prediction.float(), noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def make_builders(payload: Payload, names: list[str]) -> dict[str, bench.Builder]:
+    return {name: (lambda case=payload.cases[name]: build_step(payload, case)) for name in names}
+
+
+def select_cases(args: argparse.Namespace) -> list[Case]:
+    cases = []
+    for precision in bench.precisions(args.precision):
+        cases += [Case("ours", precision), Case("diffusers", precision)]
+    if args.variants:
+        cases += [Case("ours", precision, channels_last=True) for precision in bench.precisions(args.precision)]
+        if "bf16" in bench.precisions(args.precision):
+            cases += [Case("ours", "bf16-weights"), Case("ours", "bf16-weights", channels_last=True)]
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 2)[2])
+    bench.add_common_arguments(parser, {name: preset.description for name, preset in PRESETS.items()}, "tiny",
+                               resolution_help="latent side in cells (default: the preset's)")
+    parser.add_argument("--context-length", type=int, default=None, help="text tokens per sample (default: the preset's)")
+    parser.add_argument("--variants", action="store_true",
+                        help="also time ours with channels_last, with bf16 weights (no autocast), and both")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="the GPU's peak TFLOP/s for model-FLOPs utilisation (default 989: H100 SXM dense bf16)")
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    device = bench.setup(args)
+    if device.type == "cpu" and args.preset == "sd15":
+        print("warning: the sd15 preset on the CPU takes minutes per step\n")
+
+    payload = Payload(
+        unet_config=OmegaConf.to_container(OmegaConf.structured(load_unet_config(preset.unet))),
+        latent_size=args.resolution or preset.latent_size,
+        batch_size=args.batch_size or preset.batch_size,
+        context_length=args.context_length or preset.context_length,
+        seed=args.seed,
+        device=str(device),
+        cases={case.name: case for case in select_cases(args)},
+    )
+    repeats = args.repeats or preset.repeats
+    models: dict = {}
+    steps = {name: build_step(payload, case, models) for name, case in payload.cases.items()}
+    parameters = sum(p.numel() for p in next(iter(models.values()))[0].parameters())
+    print(f"U-Net {preset.unet}: {parameters / 1e6:.1f}M parameters, latents {payload.batch_size}x4x{payload.latent_size}x"
+          f"{payload.latent_size}, context {payload.context_length}x{payload.unet_config['cross_attention_dim']}; "
+          f"{repeats} measured steps per case after {args.warmup} warm-up, interleaved, median\n")
+
+    flops = bench.count_flops(steps[next(iter(steps))])  # the same for every case: same architecture and batch
+    seconds = bench.interleaved_medians(steps, repeats, args.warmup, device)
+    del steps, models
+    memory: dict = {}
+    if not args.no_memory:
+        groups = [[name for name, case in payload.cases.items() if case.side == side] for side in ("ours", "diffusers")]
+        memory = bench.measure_memory(groups, make_builders, payload, args.warmup, device)
+
+    rows = []
+    for name, case in payload.cases.items():
+        reference = f"diffusers {case.precision}" if case.precision in bench.PRECISIONS else "diffusers bf16"
+        throughput = payload.batch_size / seconds[name]
+        row = [name, f"{seconds[name] * 1e3:.1f}", f"{throughput:.1f}",
+               bench.ratio(seconds.get(reference), seconds[name]) if case.side == "ours" else "",
+               f"{flops / seconds[name] / 1e9:.0f}", bench.mib(memory.get(name))]
+        if device.type == "cuda":
+            row.append(f"{100 * flops / seconds[name] / (args.peak_tflops * 1e12):.1f}%")
+        rows.append(row)
+    headers = ["case", "ms/step", "latents/s", "vs diffusers", "GFLOP/s", "peak MiB"]
+    if device.type == "cuda":
+        headers.append(f"MFU@{args.peak_tflops:g}TF")
+    bench.print_table(headers, rows)
+    print(f"\none step = {flops / 1e9:.1f} GFLOP (FlopCounterMode, forward + backward); 'vs diffusers' = ours' "
+          "throughput / diffusers' at the same precision")
+    if memory:
+        print(bench.memory_note(device))
+
+    print("\ntargets:")
+    for precision in bench.precisions(args.precision):
+        speedup = seconds[f"diffusers {precision}"] / seconds[f"ours {precision}"]
+        print(f"  ours vs diffusers at {precision}: {speedup:.2f}x  {bench.verdict(speedup, 1.1)}")
+    if args.precision == "both":
+        gain = seconds["ours fp32"] / seconds["ours bf16"]
+        target = 1.8 if device.type == "cpu" else 1.0
+        print(f"  ours bf16 vs ours fp32: {gain:.2f}x  {bench.verdict(gain, target)}")
+    if device.type == "cpu":
+        print("note: on a shared CPU these timings are noisy; rerun with more --repeats before drawing conclusions")
+
+
+if __name__ == "__main__":
+    main()
