@@ -308,10 +308,6 @@ def convert_command(
 
 
 def main() -> None:
-    import os
-
-    # transformers/hub draw a progress bar per weight file loaded; ours are the ones that matter
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     debug = "--debug" in sys.argv
     try:
         app(standalone_mode=False)

@@ -124,10 +124,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(
+@dataclass
+class Timing:
+    median: float  # seconds per call: what ratios are computed from
+    best: float  # the fastest call: less sensitive to other load on a shared machine
+
+
+def interleaved_timings(
     cases: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device
-) -> dict[str, float]:
-    """Median seconds per call of each case, measured in alternating-order rounds (A B, B A, ...)."""
+) -> dict[str, Timing]:
+    """Seconds per call of each case, measured in alternating-order rounds (A B, B A, ...)."""
     names = list(cases)
     for name in names:
         for _ in range(warmup):
@@ -142,7 +148,7 @@ def interleaved_medians(
             cases[name]()
             synchronize(device)
             seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in seconds.items()}
+    return {name: Timing(statistics.median(values), min(values)) for name, values in seconds.items()}
 
 
 # ----------------------------------------------------------------------------------------- memory

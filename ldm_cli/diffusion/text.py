@@ -119,6 +119,9 @@ def load_text_encoder(
         )
     if config.max_length < 2:
         raise ConfigError(f"text_encoder.max_length must be at least 2 (start and end tokens), got {config.max_length}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per weight file is noise next to our own progress
     if config.tiny:
         model, tokenizer = _tiny_clip(config.max_length)
     else:

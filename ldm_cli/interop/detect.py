@@ -7,7 +7,7 @@ gets the Stable Diffusion v1 value, and the caller may override it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import Tensor
@@ -19,7 +19,7 @@ SD1_ATTENTION_HEADS = 8  # SD v1 uses 8 heads at every width (diffusers calls it
 SD2_HEAD_CHANNELS = 64  # SD v2 (linear projections) uses 64 channels per head instead
 
 
-def _indices(keys: list[str], prefix: str) -> list[int]:
+def block_indices(keys: Iterable[str], prefix: str) -> list[int]:
     """Sorted distinct integers that follow `prefix` in `keys` (e.g. the resnets of a block)."""
     return sorted({int(k[len(prefix) :].split(".", 1)[0]) for k in keys if k.startswith(prefix)})
 
@@ -48,17 +48,17 @@ def detect_unet_config(
     conv_in = _require(diffusers_unet_sd, "conv_in.weight", what)
     conv_out = _require(diffusers_unet_sd, "conv_out.weight", what)
 
-    levels = _indices(keys, "down_blocks.")
+    levels = block_indices(keys, "down_blocks.")
     if not levels:
         raise BundleError("U-Net weights have no down_blocks.* — are these diffusers-layout U-Net weights?")
     block_out_channels = [
         int(_require(diffusers_unet_sd, f"down_blocks.{level}.resnets.0.conv1.weight", what).shape[0])
         for level in levels
     ]
-    layers_per_block = [len(_indices(keys, f"down_blocks.{level}.resnets.")) for level in levels]
+    layers_per_block = [len(block_indices(keys, f"down_blocks.{level}.resnets.")) for level in levels]
 
-    down_attention = [bool(_indices(keys, f"down_blocks.{level}.attentions.")) for level in levels]
-    up_attention = [bool(_indices(keys, f"up_blocks.{level}.attentions.")) for level in levels]
+    down_attention = [bool(block_indices(keys, f"down_blocks.{level}.attentions.")) for level in levels]
+    up_attention = [bool(block_indices(keys, f"up_blocks.{level}.attentions.")) for level in levels]
     mid_block_type = None
     if any(k.startswith("mid_block.attentions.") for k in keys):
         mid_block_type = "UNetMidBlock2DCrossAttn"
@@ -66,7 +66,7 @@ def detect_unet_config(
         mid_block_type = "UNetMidBlock2D"
 
     # transformer depth per down level; levels without attention do not constrain it
-    depths = [len(_indices(keys, f"down_blocks.{level}.attentions.0.transformer_blocks.")) for level in levels]
+    depths = [len(block_indices(keys, f"down_blocks.{level}.attentions.0.transformer_blocks.")) for level in levels]
     attention_depths = {depth for depth in depths if depth}
     if len(attention_depths) <= 1:
         transformer_layers: int | list[int] = attention_depths.pop() if attention_depths else 1
@@ -103,7 +103,7 @@ def detect_vae_config(diffusers_vae_sd: Mapping[str, Tensor]) -> dict[str, Any]:
     """Infer an AutoencoderKL config from its state dict (diffusers names, no prefix)."""
     keys = list(diffusers_vae_sd)
     what = "VAE"
-    levels = _indices(keys, "encoder.down_blocks.")
+    levels = block_indices(keys, "encoder.down_blocks.")
     if not levels:
         raise BundleError("VAE weights have no encoder.down_blocks.* — are these diffusers-layout VAE weights?")
     block_out_channels = [
@@ -115,7 +115,7 @@ def detect_vae_config(diffusers_vae_sd: Mapping[str, Tensor]) -> dict[str, Any]:
         "in_channels": int(_require(diffusers_vae_sd, "encoder.conv_in.weight", what).shape[1]),
         "out_channels": int(_require(diffusers_vae_sd, "decoder.conv_out.weight", what).shape[0]),
         "block_out_channels": block_out_channels,
-        "layers_per_block": len(_indices(keys, "encoder.down_blocks.0.resnets.")),
+        "layers_per_block": len(block_indices(keys, "encoder.down_blocks.0.resnets.")),
         "down_block_types": ["DownEncoderBlock2D"] * len(levels),
         "up_block_types": ["UpDecoderBlock2D"] * len(levels),
         "latent_channels": int(decoder_in.shape[1]),
