@@ -29,6 +29,9 @@ class AutoencoderConfig:
     norm_num_groups: int = 32
     mid_block_add_attention: bool = True
     gradient_checkpointing: bool = False
+    # initial posterior log-variance (SD: 0). A fresh encoder's means are small, so unit-variance
+    # samples drown them; a short run learns much faster when the noise starts small.
+    posterior_logvar_init: float = 0.0
 
     @property
     def downsampling_factor(self) -> int:
@@ -231,6 +234,9 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        if config.posterior_logvar_init:
+            with torch.no_grad():
+                self.quant_conv.bias[config.latent_channels :] = config.posterior_logvar_init
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
 
     @property

@@ -33,13 +33,6 @@ from ldm_cli.interop.imported import (  # noqa: F401  (part of this module's pub
 from ldm_cli.interop.sources import already_a_bundle, read_source
 from ldm_cli.interop.write import write_autoencoder, write_latent_diffusion
 
-# tests/interop/test_convert.py imports these helpers from here under their former private names
-from ldm_cli.interop.checks import check_autoencoder_weights as _check_autoencoder  # noqa: F401, E402
-from ldm_cli.interop.checks import check_unet_weights as _check_unet  # noqa: F401, E402
-from ldm_cli.interop.configs import autoencoder_from_weights as _autoencoder_from_weights  # noqa: F401, E402
-from ldm_cli.interop.configs import unet_config as _unet_config  # noqa: F401, E402
-from ldm_cli.interop.sd_checkpoint import sd_unet_layout as _sd_unet_layout  # noqa: F401, E402
-from ldm_cli.interop.text_encoder import clip_config as _clip_config  # noqa: F401, E402
 
 TARGETS = ("ldm", "diffusers", "sd-single-file")
 

@@ -74,7 +74,9 @@ def from_sd_single_file(
         log(f"ignored {len(unknown)} tensors outside the U-Net/VAE/CLIP parts: {shown}")
 
     if parts["text_encoder"]:
-        text = text_from_sd_checkpoint(parts["text_encoder"], hints.get("text_encoder_hf"), options.text_encoder, scratch, source)
+        text = text_from_sd_checkpoint(
+            parts["text_encoder"], hints.get("text_encoder_hf"), options.text_encoder, scratch, source
+        )
     elif other_text and options.text_encoder is None:
         raise IncompatibleError(
             f"{source} holds a text encoder in a layout ldm cannot read ({other_text[0]}, e.g. SD 2's OpenCLIP); "

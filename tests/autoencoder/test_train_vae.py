@@ -99,3 +99,13 @@ def test_interrupt_saves_a_checkpoint_and_rerun_resumes(shapes_dir, tmp_path, mo
     train_autoencoder(straight, tmp_path / "straight", overrides)
     for key, value in final_weights(tmp_path / "straight").items():
         torch.testing.assert_close(final_weights(tmp_path / "run")[key], value, rtol=0, atol=1e-6)
+
+
+def test_posterior_logvar_init_sets_the_starting_noise():
+    from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL
+
+    config = AutoencoderConfig(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4, posterior_logvar_init=-6.0)
+    model = AutoencoderKL(config)
+    assert torch.all(model.quant_conv.bias[4:] == -6.0)
+    posterior = model.encode(torch.zeros(1, 3, 16, 16))
+    assert posterior.logvar.mean() < -4  # the weights add little at init

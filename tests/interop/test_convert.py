@@ -30,14 +30,14 @@ from ldm_cli.cli import app
 from ldm_cli.diffusion.load import load_latent_diffusion
 from ldm_cli.diffusion.text import _byte_level_clip_tokenizer
 from ldm_cli.errors import BundleError, IncompatibleError, MissingWeightsError, RunDirError, UsageError
+from ldm_cli.interop.checks import check_autoencoder_weights as _check_autoencoder
+from ldm_cli.interop.checks import check_unet_weights as _check_unet
+from ldm_cli.interop.configs import autoencoder_from_weights as _autoencoder_from_weights
+from ldm_cli.interop.configs import unet_config as _unet_config
+from ldm_cli.interop.sd_checkpoint import sd_unet_layout as _sd_unet_layout
+from ldm_cli.interop.text_encoder import clip_config as _clip_config
 from ldm_cli.interop.convert import (
     ImportOptions,
-    _autoencoder_from_weights,
-    _check_autoencoder,
-    _check_unet,
-    _clip_config,
-    _sd_unet_layout,
-    _unet_config,
     convert_model,
     import_checkpoint,
 )
