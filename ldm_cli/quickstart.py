@@ -36,7 +36,12 @@ PRESET = {
     "images": 4000,
     "size": 32,
     "vae": ["autoencoder=tiny", "train=vae_tiny", "loss=vae_tiny"],
-    "diffusion": ["unet=tiny", "text_encoder=minilm", "train=diffusion_tiny", "objective=min_snr"],
+    "diffusion": [
+        "unet=tiny", "text_encoder=minilm", "train=diffusion_tiny", "objective=min_snr",
+        "objective.validation_prompts=['a large red circle in the center on a white background',"
+        "'a large blue square in the center on a white background','a large yellow triangle in the center on a black background',"
+        "'a large purple triangle in the center on a white background']",
+    ],
     "sample_steps": 25,
     "guidance_scale": 4.0,
     "adherence_prompts": 64,

@@ -8,9 +8,9 @@ while its peak is recorded; it reports, above the memory in use before the case 
   held  what stays allocated between steps (weights, optimizer state, caches), and
   peak  the highest point during the measured call (held + activations, gradients, temporaries).
 On CUDA these are `torch.cuda` allocated bytes, measured in this process. On the CPU they are
-resident set sizes (RSS) of a fresh `spawn`ed process per side, so that neither side inherits the
-other's allocations; the peak comes from the kernel's high-water mark (VmHWM), reset right before
-the measured call, after returning freed heap pages to the system (malloc_trim).
+resident set sizes (RSS) of a fresh `spawn`ed process per case, so that no case inherits another's
+allocations or one-time caches; the peak comes from the kernel's high-water mark (VmHWM), reset
+right before the measured call, after returning freed heap pages to the system (malloc_trim).
 """
 
 from __future__ import annotations
@@ -219,42 +219,28 @@ def measure_in_process(build: Builder, warmup: int, device: torch.device) -> Mem
     return MemoryReading(held, peak)
 
 
-def _memory_worker(make_builders: Callable[..., dict[str, Builder]], payload: Any, warmup: int, threads: int) -> dict:
+def _memory_worker(build_case: Callable[[Any, str], Callable[[], Any]], payload: Any, name: str, warmup: int,
+                   threads: int) -> MemoryReading | None:
     torch.set_num_threads(threads)
-    device = torch.device("cpu")
-    return {name: measure_in_process(build, warmup, device) for name, build in make_builders(payload).items()}
+    import diffusers  # imported before the baseline, so that neither side is charged for importing it
+
+    for class_name in ("AutoencoderKL", "UNet2DConditionModel", "StableDiffusionPipeline"):
+        getattr(diffusers, class_name)  # diffusers imports its submodules lazily
+    return measure_in_process(lambda: build_case(payload, name), warmup, torch.device("cpu"))
 
 
 def measure_memory(
-    groups: list[list[str]],
-    make_builders: Callable[[Any, list[str]], dict[str, Builder]],
-    payload: Any,
-    warmup: int,
-    device: torch.device,
+    names: list[str], build_case: Callable[[Any, str], Callable[[], Any]], payload: Any, warmup: int, device: torch.device
 ) -> dict[str, MemoryReading | None]:
-    """Peak memory of every case. `make_builders(payload, names)` must be a module-level function
-    (the CPU path calls it in a spawned process); cases of one group share one fresh process."""
-    readings: dict[str, MemoryReading | None] = {}
+    """Peak memory of each case (see the module docstring). `build_case(payload, name)` returns the call to
+    measure; on the CPU it runs in a fresh spawned process per case, so it must be a module-level function."""
     if device.type == "cuda":
-        for names in groups:
-            for name, build in make_builders(payload, names).items():
-                readings[name] = measure_in_process(build, warmup, device)
-        return readings
-    context = multiprocessing.get_context("spawn")
-    for names in groups:
-        with context.Pool(1) as pool:
-            readings |= pool.apply(_memory_worker, (_Bound(make_builders, names), payload, warmup, torch.get_num_threads()))
+        return {name: measure_in_process(lambda name=name: build_case(payload, name), warmup, device) for name in names}
+    readings = {}
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        for name in names:
+            readings[name] = pool.apply(_memory_worker, (build_case, payload, name, warmup, torch.get_num_threads()))
     return readings
-
-
-class _Bound:
-    """make_builders with its case names fixed (picklable, unlike a lambda)."""
-
-    def __init__(self, make_builders: Callable[[Any, list[str]], dict[str, Builder]], names: list[str]) -> None:
-        self.make_builders, self.names = make_builders, names
-
-    def __call__(self, payload: Any) -> dict[str, Builder]:
-        return self.make_builders(payload, self.names)
 
 
 def memory_note(device: torch.device) -> str:
@@ -262,7 +248,7 @@ def memory_note(device: torch.device) -> str:
         return ("peak MiB: torch.cuda.max_memory_allocated during one measured call, above the allocation before "
                 "the case was built (so it includes weights and optimizer state)")
     return ("peak MiB: RSS high-water mark during one measured call, above the RSS before the case was built "
-            "(weights, optimizer state, activations), each side in its own fresh spawned process")
+            "(weights, optimizer state, activations), each case in its own fresh spawned process")
 
 
 # ----------------------------------------------------------------------------------------- output

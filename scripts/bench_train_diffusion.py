@@ -141,8 +141,8 @@ def build_step(payload: Payload, case: Case, models: dict | None = None) -> Call
     return step
 
 
-def make_builders(payload: Payload, names: list[str]) -> dict[str, bench.Builder]:
-    return {name: (lambda case=payload.cases[name]: build_step(payload, case)) for name in names}
+def build_case(payload: Payload, name: str) -> Callable[[], torch.Tensor]:
+    return build_step(payload, payload.cases[name])
 
 
 def select_cases(args: argparse.Namespace) -> list[Case]:
@@ -197,9 +197,8 @@ def main() -> None:
     del steps, models
     memory: dict = {}
     if not args.no_memory:
-        groups = [[name for name, case in payload.cases.items() if case.side == side] for side in ("ours", "diffusers")]
-        print("peak memory (a fresh process per side) ...\n" if device.type == "cpu" else "peak memory ...\n", flush=True)
-        memory = bench.measure_memory(groups, make_builders, payload, args.warmup, device)
+        print("peak memory (a fresh process per case) ...\n" if device.type == "cpu" else "peak memory ...\n", flush=True)
+        memory = bench.measure_memory(list(payload.cases), build_case, payload, args.warmup, device)
 
     rows = []
     for name, case in payload.cases.items():

@@ -7,25 +7,33 @@ from torch import nn
 
 
 class EMA:
+    """EMA with the usual warm-up: decay min(decay, (1 + n) / (10 + n)) after n updates, so a short
+    run's average is not dominated by its random initial weights."""
+
     def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
+        self.decay, self.updates = decay, 0
         self.shadow = {name: p.detach().clone().float() for name, p in model.named_parameters()}
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         names = list(self.shadow)
         params = dict(model.named_parameters())
         current = [params[name].detach().float() for name in names]
-        torch._foreach_lerp_([self.shadow[name] for name in names], current, 1.0 - self.decay)
+        torch._foreach_lerp_([self.shadow[name] for name in names], current, 1.0 - self.current_decay())
+        self.updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.shadow)
+        return {**self.shadow, "__updates__": torch.tensor(self.updates)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.shadow) - set(state)
         if missing:
             raise KeyError(f"EMA state lacks {sorted(missing)[:3]}")
         self.shadow = {name: state[name].clone().float() for name in self.shadow}
+        self.updates = int(state.get("__updates__", 0))
 
     def weights_for(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The model's full state dict with EMA parameters in place of the trained ones."""
