@@ -97,7 +97,7 @@ def prompt_grid(model: Path, out: Path, prompts: list[str], device_name: str, pe
     return grid
 
 
-def img2img_strip(model: Path, init: Path, out: Path, device_name: str, strengths=(0.3, 0.5, 0.7, 0.9)) -> Path:
+def img2img_strip(model: Path, init: Path, out: Path, device_name: str, strengths=(0.1, 0.25, 0.5, 0.75)) -> Path:
     """The init image, then img2img towards a blue circle at increasing strengths."""
     import torch
     import torch.nn.functional as F

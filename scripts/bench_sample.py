@@ -1,0 +1,339 @@
+"""txt2img speed: our SamplingPipeline beside diffusers' StableDiffusionPipeline on identical weights.
+
+One random latent-diffusion model (CLIP text encoder, U-Net, KL autoencoder) is written as our bundle;
+diffusers' pipeline gets the same weights (our parameter names are diffusers'), the same DDIM
+schedule (SD's: leading spacing, steps_offset 1), steps, guidance scale, size and initial noise.
+Both are timed in the same run, interleaved; the k-th call of every case uses the same prompt and
+seed, so the last images of each case are compared (PSNR). bf16: ours keeps its U-Net weights in
+bf16; diffusers runs under torch.autocast(bf16), for reference. A second table sets one U-Net
+forward's achieved GFLOP/s against a plain 2048^3 matmul measured in the same run.
+
+    python scripts/bench_sample.py                          # small U-Net, 16x16 latents, 20 steps
+    python scripts/bench_sample.py --preset sd15 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_common as bench  # noqa: E402
+
+from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL  # noqa: E402
+from ldm_cli.bundle import write_bundle  # noqa: E402
+from ldm_cli.config import CONFIG_DIR, from_dict, to_dict  # noqa: E402
+from ldm_cli.diffusion.load import LatentDiffusion, load_latent_diffusion, write_latent_diffusion_bundle  # noqa: E402
+from ldm_cli.diffusion.schedule import ScheduleConfig  # noqa: E402
+from ldm_cli.diffusion.text import TextEncoder, TextEncoderConfig, load_text_encoder, save_text_encoder  # noqa: E402
+from ldm_cli.diffusion.unet import UNet, UNetConfig  # noqa: E402
+from ldm_cli.eval.metrics import psnr  # noqa: E402
+from ldm_cli.sampling.denoiser import get_sigmas  # noqa: E402
+from ldm_cli.sampling.pipeline import ImageJob, SamplingPipeline, SamplingSettings, initial_noise  # noqa: E402
+
+LATENT_SCALE = 0.18215  # SD's; diffusers' vae.config.scaling_factor is set to the same
+SPACING = "leading"  # diffusers' DDIMScheduler with SD's steps_offset=1
+SD_DDIM = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=True,
+               clip_sample=False, steps_offset=1, timestep_spacing=SPACING)
+
+
+@dataclass
+class Preset:
+    unet: str  # configs/unet/<name>.yaml (cross_attention_dim set to the text width)
+    autoencoder: str  # configs/autoencoder/<name>.yaml
+    text_width: int
+    text_layers: int
+    resolution: int
+    repeats: int
+    description: str
+
+
+PRESETS = {
+    "tiny": Preset("tiny", "tiny", 128, 2, 32, 5, "U-Net tiny.yaml, autoencoder tiny.yaml (f4), 32 px"),
+    "small": Preset("small", "tiny", 384, 4, 64, 3, "U-Net small.yaml (41M), autoencoder tiny.yaml (f4), 64 px -> 16x16 latents"),
+    "sd15": Preset("sd15", "kl_f8", 768, 12, 512, 3, "SD-1.5 U-Net, kl-f8, CLIP-L-sized text encoder, 512 px; GPU"),
+}
+
+
+@dataclass
+class Payload:
+    """Everything a (possibly spawned) process needs to rebuild the cases."""
+
+    bundle: str
+    resolution: int
+    batch_size: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    device: str
+
+
+# --------------------------------------------------------------------------------- the random model
+
+
+def load_yaml(group: str, name: str, schema: type) -> Any:
+    return from_dict(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{name}.yaml")), schema)
+
+
+def random_text_encoder(width: int, layers: int) -> TextEncoder:
+    """A CLIP text tower of the given width with random weights, on the byte-level tiny CLIP tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = load_text_encoder(TextEncoderConfig(tiny=True)).tokenizer
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=layers, num_attention_heads=max(1, width // 64),
+        intermediate_size=4 * width, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return TextEncoder(CLIPTextModel(config).eval(), tokenizer, max_length=77)
+
+
+def write_random_model(directory: Path, preset: Preset, resolution: int, seed: int) -> Path:
+    """A complete random latent-diffusion bundle (our format) for `preset`; returns its path."""
+    torch.manual_seed(seed)
+    autoencoder_config = load_yaml("autoencoder", preset.autoencoder, AutoencoderConfig)
+    autoencoder = write_bundle(
+        directory / "autoencoder", "autoencoder", {"autoencoder": AutoencoderKL(autoencoder_config).state_dict()},
+        {"autoencoder": to_dict(autoencoder_config), "latent_scale": LATENT_SCALE, "latent_shift": 0.0, "resolution": resolution},
+    )
+    text_encoder = random_text_encoder(preset.text_width, preset.text_layers)
+    text_config = TextEncoderConfig(pretrained=str(save_text_encoder(text_encoder, directory / "text_encoder")), max_length=77)
+    unet_config = load_yaml("unet", preset.unet, UNetConfig)
+    unet_config.cross_attention_dim = preset.text_width
+    return write_latent_diffusion_bundle(
+        directory / "model", UNet(unet_config).state_dict(), unet_config, ScheduleConfig(), text_config, text_encoder, autoencoder
+    ).path
+
+
+def diffusers_pipeline(model: LatentDiffusion, device: torch.device):
+    """diffusers' StableDiffusionPipeline holding our model's weights."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    config = model.autoencoder.model.config
+    levels = len(config.block_out_channels)
+    vae = DiffusersAutoencoderKL(
+        in_channels=config.in_channels, out_channels=config.out_channels, latent_channels=config.latent_channels,
+        down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=list(config.block_out_channels), layers_per_block=config.layers_per_block,
+        norm_num_groups=config.norm_num_groups, mid_block_add_attention=config.mid_block_add_attention,
+        scaling_factor=model.autoencoder.latent_scale,
+    )
+    vae.load_state_dict(model.autoencoder.model.state_dict(), strict=True)
+    unet = UNet2DConditionModel(**model.unet.config.to_diffusers_config())
+    unet.load_state_dict(model.unet.state_dict(), strict=True)
+    pipeline = StableDiffusionPipeline(
+        vae=vae.eval(), unet=unet.eval(), text_encoder=model.text_encoder.model, tokenizer=model.text_encoder.tokenizer,
+        scheduler=DDIMScheduler(**SD_DDIM), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+# ------------------------------------------------------------------------------------------- cases
+
+
+class Generate:
+    """One case's txt2img call. Its k-th call uses prompt k and the same seeds in every case, so the
+    cases' last images can be compared; `last` keeps them ([B, 3, H, W] in [-1, 1], CPU float32)."""
+
+    def __init__(self, make_images: Callable[[list[str], list[int]], torch.Tensor], batch_size: int, seed: int) -> None:
+        self.make_images, self.batch_size, self.seed = make_images, batch_size, seed
+        self.calls = 0
+        self.last: torch.Tensor | None = None
+
+    def __call__(self) -> None:
+        prompts = [f"a photograph of object number {self.calls}"] * self.batch_size
+        self.last = self.make_images(prompts, [self.seed + i for i in range(self.batch_size)])
+        self.calls += 1
+
+
+def settings_for(payload: Payload) -> SamplingSettings:
+    return SamplingSettings(steps=payload.steps, guidance_scale=payload.guidance_scale, sampler="ddim",
+                            timestep_spacing=SPACING, height=payload.resolution, width=payload.resolution)
+
+
+def build_ours(payload: Payload, precision: str) -> Generate:
+    device = torch.device(payload.device)
+    pipeline = SamplingPipeline(load_latent_diffusion(payload.bundle, device), device, precision)
+    settings = settings_for(payload)
+    return Generate(lambda prompts, seeds: pipeline([ImageJob(p, s) for p, s in zip(prompts, seeds)], settings),
+                    payload.batch_size, payload.seed)
+
+
+def build_diffusers(payload: Payload, precision: str) -> Generate:
+    device = torch.device(payload.device)
+    model = load_latent_diffusion(payload.bundle)
+    pipeline = diffusers_pipeline(model, device)
+    latent_shape = (model.latent_channels, payload.resolution // model.downsampling_factor,
+                    payload.resolution // model.downsampling_factor)
+    # ours starts at x = σ_0 ε; diffusers' DDIM at the VP state x_T = x / sqrt(σ_0² + 1): the same ε, rescaled
+    sigma_max = get_sigmas(model.schedule, payload.steps, SPACING)[0].item()
+    del model
+    context = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+    def make_images(prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        noise = torch.stack([initial_noise(seed, latent_shape) for seed in seeds])
+        with context, torch.inference_mode():
+            images = pipeline(prompts, num_inference_steps=payload.steps, guidance_scale=payload.guidance_scale,
+                              latents=(noise * sigma_max / math.sqrt(sigma_max**2 + 1)).to(device),
+                              height=payload.resolution, width=payload.resolution, output_type="pt").images
+        return images.float().cpu() * 2 - 1  # [0, 1] -> [-1, 1], as ours
+
+    return Generate(make_images, payload.batch_size, payload.seed)
+
+
+def build_case(payload: Payload, name: str) -> Generate:
+    side, precision = name.split(" ")
+    return (build_ours if side == "ours" else build_diffusers)(payload, precision)
+
+
+# ----------------------------------------------------------------------------------- U-Net GFLOP/s
+
+
+def unet_forwards(
+    payload: Payload, device: torch.device, precisions: list[str]
+) -> tuple[dict[str, Callable[[], Any]], int, int]:
+    """One guided U-Net forward (batch 2B) per case, and plain matmuls as the reference: (calls, U-Net FLOPs,
+    matmul FLOPs)."""
+    model = load_latent_diffusion(payload.bundle, device)
+    factor = model.downsampling_factor
+    batch = 2 * payload.batch_size  # classifier-free guidance: [uncond, cond]
+    generator = torch.Generator().manual_seed(payload.seed)
+    x = torch.randn(batch, model.latent_channels, payload.resolution // factor, payload.resolution // factor, generator=generator)
+    context = torch.randn(batch, 77, model.unet.config.cross_attention_dim, generator=generator)
+    t = torch.full((batch,), 500.0)
+    diffusers_unet = diffusers_pipeline(model, device).unet
+    calls: dict[str, Callable[[], Any]] = {}
+    for precision in precisions:
+        # our pipeline's U-Net call as it samples: weights in the compute dtype (channels_last on CUDA)
+        unet = SamplingPipeline(load_latent_diffusion(payload.bundle, device), device, precision).denoiser.model_fn
+        calls[f"ours U-Net {precision}"] = lambda unet=unet: unet(x.to(device), t.to(device), context.to(device))
+    x_d, t_d, context_d = x.to(device), t.to(device), context.to(device)
+    calls["diffusers U-Net fp32"] = lambda: diffusers_unet(x_d, t_d, encoder_hidden_states=context_d, return_dict=False)
+    with torch.inference_mode():
+        flops = bench.count_flops(next(iter(calls.values())))
+    for precision in precisions:
+        matmul, matmul_flops = bench.matmul_call(device, {"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
+        calls[f"matmul 2048^3 {precision}"] = matmul
+    return calls, flops, matmul_flops
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 2)[2])
+    bench.add_common_arguments(parser, {name: preset.description for name, preset in PRESETS.items()}, "small")
+    parser.add_argument("--sampling-steps", type=int, default=20, help="DDIM steps per image (default 20)")
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--memory-steps", type=int, default=2,
+                        help="DDIM steps of the memory measurement's call (the peak does not grow with steps; default 2)")
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    device = bench.setup(args)
+    chosen = bench.precisions(args.precision)
+    names = [f"{side} {precision}" for precision in chosen for side in ("ours", "diffusers")]
+    repeats = args.repeats or preset.repeats
+
+    with tempfile.TemporaryDirectory(prefix="bench-sample-") as scratch:
+        resolution = args.resolution or preset.resolution
+        payload = Payload(str(write_random_model(Path(scratch), preset, resolution, args.seed)), resolution,
+                          args.batch_size or 1, args.sampling_steps, args.guidance_scale, args.seed, str(device))
+        unet_parameters = sum(p.numel() for p in load_latent_diffusion(payload.bundle).unet.parameters())
+        print(f"model: U-Net {preset.unet} ({unet_parameters / 1e6:.1f}M params, context 77x{preset.text_width}), "
+              f"autoencoder {preset.autoencoder}, {payload.resolution}x{payload.resolution} px, batch {payload.batch_size}; "
+              f"DDIM {payload.steps} steps, guidance {payload.guidance_scale}; {repeats} measured calls per case after "
+              f"{args.warmup} warm-up, interleaved, median\n")
+
+        print("timing ...", flush=True)
+        cases = {name: build_case(payload, name) for name in names}
+        timings = bench.interleaved_timings(cases, repeats, args.warmup, device)
+        images = {name: case.last for name, case in cases.items()}
+        del cases
+        print("U-Net forward GFLOP/s ...", flush=True)
+        forwards, unet_flops, matmul_flops = unet_forwards(payload, device, chosen)
+        with torch.inference_mode():
+            forward_timings = bench.interleaved_timings(forwards, max(repeats, 5), 1, device)
+        del forwards
+        memory: dict = {}
+        if not args.no_memory:
+            print("peak memory (a fresh process per case) ...\n" if device.type == "cpu" else "peak memory ...\n", flush=True)
+            memory_payload = Payload(**{**payload.__dict__, "steps": args.memory_steps})
+            memory = bench.measure_memory(names, build_case, memory_payload, args.warmup, device)
+
+    report(payload, names, timings, images, memory, device)
+    report_gflops(forward_timings, unet_flops, matmul_flops, chosen)
+    report_targets(names, timings, images, memory, forward_timings, unet_flops, matmul_flops, device)
+
+
+def image_psnr(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    return float(psnr(a, b).mean()) if a is not None and b is not None else float("nan")
+
+
+def report(payload: Payload, names: list[str], timings: dict, images: dict, memory: dict, device: torch.device) -> None:
+    diffusers_fp32 = timings.get("diffusers fp32")
+    rows = []
+    for name in names:
+        seconds = timings[name].median / payload.batch_size
+        reference = "ours fp32" if name != "ours fp32" else "diffusers fp32"
+        rows.append([
+            name, f"{seconds:.3f}", f"{timings[name].best / payload.batch_size:.3f}",
+            bench.ratio(timings[name].median, diffusers_fp32.median) if diffusers_fp32 else "n/a",
+            f"{image_psnr(images[name], images.get(reference)):.1f} vs {reference}", bench.mib(memory.get(name)),
+        ])
+    bench.print_table(["case", "s/image", "min s/image", "time vs diffusers fp32", "PSNR dB", "peak MiB"], rows)
+    print("\n'time vs diffusers fp32' = this case's seconds per image / diffusers fp32's (lower is faster); "
+          "PSNR of the last images, same prompt and seed")
+    if memory:
+        print(bench.memory_note(device) + "; memory calls use --memory-steps DDIM steps")
+
+
+def report_gflops(timings: dict, unet_flops: int, matmul_flops: int, chosen: list[str]) -> None:
+    print(f"\nU-Net forward (batch of [uncond, cond]): {unet_flops / 1e9:.2f} GFLOP by FlopCounterMode")
+    rows = []
+    for name, timing in timings.items():
+        flops = matmul_flops if name.startswith("matmul") else unet_flops
+        precision = name.rsplit(" ", 1)[1]
+        matmul = timings[f"matmul 2048^3 {precision}"].median
+        rate = flops / timing.median
+        rows.append([name, f"{timing.median * 1e3:.1f}", f"{rate / 1e9:.0f}", f"{100 * rate / (matmul_flops / matmul):.0f}%"])
+    bench.print_table(["call", "ms", "GFLOP/s", "of matmul at its precision"], rows)
+
+
+def report_targets(names, timings, images, memory, forward_timings, unet_flops, matmul_flops, device) -> None:
+    print("\ntargets" + (" (stated for the CPU)" if device.type != "cpu" else "") + ":")
+    if "ours fp32" in timings and "diffusers fp32" in timings:
+        relative = timings["ours fp32"].median / timings["diffusers fp32"].median
+        match = image_psnr(images["ours fp32"], images["diffusers fp32"])
+        print(f"  ours fp32 time / diffusers fp32: {relative:.2f}  {bench.verdict(relative, 0.8, at_least=False)}; "
+              f"output PSNR vs diffusers {match:.1f} dB")
+    if "ours bf16" in timings and "diffusers fp32" in timings:
+        relative = timings["ours bf16"].median / timings["diffusers fp32"].median
+        print(f"  ours bf16 time / diffusers fp32: {relative:.2f}  {bench.verdict(relative, 0.5, at_least=False)}")
+    if "ours bf16" in images and "ours fp32" in images:
+        quality = image_psnr(images["ours bf16"], images["ours fp32"])
+        print(f"  ours bf16 output vs ours fp32: {quality:.1f} dB  {bench.verdict(quality, 30)}")
+    for name in names:
+        if name.startswith("ours") and memory.get(name) and memory.get(name.replace("ours", "diffusers")):
+            relative = memory[name].peak / memory[name.replace("ours", "diffusers")].peak
+            print(f"  {name} peak memory / diffusers': {relative:.2f}  {bench.verdict(relative, 1.0, at_least=False)}")
+    if "ours U-Net fp32" in forward_timings:
+        share = (unet_flops / forward_timings["ours U-Net fp32"].median) / (matmul_flops / forward_timings["matmul 2048^3 fp32"].median)
+        print(f"  ours fp32 U-Net forward vs fp32 matmul: {100 * share:.0f}%  {bench.verdict(100 * share, 75)}")
+    if device.type == "cpu":
+        print("note: on a shared CPU these timings are noisy; rerun with more --repeats before drawing conclusions")
+
+
+if __name__ == "__main__":
+    main()
