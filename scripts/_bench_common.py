@@ -100,14 +100,23 @@ def _cpu_bf16() -> str:
     return "unknown"
 
 
+def _load_average() -> float | None:
+    with contextlib.suppress(OSError, AttributeError):
+        return os.getloadavg()[0]
+    return None
+
+
 def print_environment(device: torch.device) -> None:
     import diffusers
 
-    load = ""
-    with contextlib.suppress(OSError):
-        load = f", load average {os.getloadavg()[0]:.1f}"
+    busy = _load_average()
+    load = "" if busy is None else f", load average {busy:.1f}"
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}")
     print(f"cpu: {_cpu_name()} ({os.cpu_count()} cores, {_cpu_bf16()}{load}); torch threads: {torch.get_num_threads()}")
+    if device.type == "cpu" and busy is not None and busy + torch.get_num_threads() > (os.cpu_count() or 1) + 0.5:
+        print(f"warning: load average {busy:.1f} on {os.cpu_count()} cores: other processes compete for the cores, so "
+              "timings are noisy; with several torch threads every parallel op also waits for its slowest thread, "
+              "which can slow small ops many-fold (use --threads 1, or a quiet machine)")
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
         print(f"device: cuda ({properties.name}, {properties.total_memory / 2**30:.0f} GiB)")
@@ -219,14 +228,29 @@ def measure_in_process(build: Builder, warmup: int, device: torch.device) -> Mem
     return MemoryReading(held, peak)
 
 
-def _memory_worker(build_case: Callable[[Any, str], Callable[[], Any]], payload: Any, name: str, warmup: int,
-                   threads: int) -> MemoryReading | None:
+def _memory_child(sender, build_case: Callable[[Any, str], Callable[[], Any]], payload: Any, name: str, warmup: int,
+                  threads: int) -> None:
     torch.set_num_threads(threads)
     import diffusers  # imported before the baseline, so that neither side is charged for importing it
 
     for class_name in ("AutoencoderKL", "UNet2DConditionModel", "StableDiffusionPipeline"):
         getattr(diffusers, class_name)  # diffusers imports its submodules lazily
-    return measure_in_process(lambda: build_case(payload, name), warmup, torch.device("cpu"))
+    sender.send(measure_in_process(lambda: build_case(payload, name), warmup, torch.device("cpu")))
+
+
+def _measure_in_fresh_process(
+    build_case: Callable[[Any, str], Callable[[], Any]], payload: Any, name: str, warmup: int
+) -> MemoryReading | None:
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_memory_child, args=(sender, build_case, payload, name, warmup, torch.get_num_threads()))
+    process.start()
+    while not receiver.poll(1.0):
+        if not process.is_alive():
+            raise RuntimeError(f"the memory measurement of {name!r} died (exit code {process.exitcode})")
+    reading = receiver.recv()
+    process.join()
+    return reading
 
 
 def measure_memory(
@@ -236,11 +260,7 @@ def measure_memory(
     measure; on the CPU it runs in a fresh spawned process per case, so it must be a module-level function."""
     if device.type == "cuda":
         return {name: measure_in_process(lambda name=name: build_case(payload, name), warmup, device) for name in names}
-    readings = {}
-    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        for name in names:
-            readings[name] = pool.apply(_memory_worker, (build_case, payload, name, warmup, torch.get_num_threads()))
-    return readings
+    return {name: _measure_in_fresh_process(build_case, payload, name, warmup) for name in names}
 
 
 def memory_note(device: torch.device) -> str:

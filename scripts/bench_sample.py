@@ -293,8 +293,9 @@ def report(payload: Payload, names: list[str], timings: dict, images: dict, memo
             f"{image_psnr(images[name], images.get(reference)):.1f} vs {reference}", bench.mib(memory.get(name)),
         ])
     bench.print_table(["case", "s/image", "min s/image", "time vs diffusers fp32", "PSNR dB", "peak MiB"], rows)
+    spread = ", ".join(f"{name} {images[name].std():.2f}" for name in names if images[name] is not None)
     print("\n'time vs diffusers fp32' = this case's seconds per image / diffusers fp32's (lower is faster); "
-          "PSNR of the last images, same prompt and seed")
+          f"PSNR of the last images, same prompt and seed (pixel std, to show they are pictures: {spread})")
     if memory:
         print(bench.memory_note(device) + "; memory calls use --memory-steps DDIM steps")
 
