@@ -3,10 +3,9 @@
 Timing: every case is warmed up, then the cases run in interleaved rounds (A B C, then C B A, ...)
 so that drift in machine load hits all of them alike; each case reports the median of its rounds.
 
-Peak memory (`measure_memory`): each case is built from nothing, warmed up, then run once more
-while its peak is recorded; it reports, above the memory in use before the case was built,
-  held  what stays allocated between steps (weights, optimizer state, caches), and
-  peak  the highest point during the measured call (held + activations, gradients, temporaries).
+Peak memory (`measure_memory`): each case is built from nothing, warmed up, then run once more;
+its peak is the highest memory in use during that call above the memory in use before the case was
+built: weights, optimizer state and caches, plus the call's activations, gradients and temporaries.
 On CUDA these are `torch.cuda` allocated bytes, measured in this process. On the CPU they are
 resident set sizes (RSS) of a fresh `spawn`ed process per case, so that no case inherits another's
 allocations or one-time caches; the peak comes from the kernel's high-water mark (VmHWM), reset
@@ -35,6 +34,7 @@ PRECISIONS = ("fp32", "bf16")
 
 # A case builder makes everything one case needs and returns the call to measure (a closure holding it).
 Builder = Callable[[], Callable[[], Any]]
+CaseBuilder = Callable[[Any, str], Callable[[], Any]]  # build_case(payload, name), module-level (spawn pickles it)
 
 
 # -------------------------------------------------------------------------------------- arguments
@@ -42,14 +42,14 @@ Builder = Callable[[], Callable[[], Any]]
 
 def add_common_arguments(
     parser: argparse.ArgumentParser, presets: dict[str, str], default_preset: str,
-    resolution_help: str = "image side in pixels (default: the preset's)",
+    resolution_help: str = "image side in pixels (default: the preset's)", steps_means_repeats: bool = True,
 ) -> None:
-    """--preset, --batch-size, --resolution, --repeats, --warmup, --device, --precision, --threads."""
+    """--preset, --batch-size, --resolution, --repeats (alias --steps), --warmup, --device, --precision, --threads."""
     preset_help = "; ".join(f"{name}: {text}" for name, text in presets.items())
     parser.add_argument("--preset", choices=list(presets), default=default_preset, help=f"architecture size ({preset_help})")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the preset's)")
     parser.add_argument("--resolution", type=int, default=None, help=resolution_help)
-    parser.add_argument("--repeats", "--steps", dest="repeats", type=int, default=None,
+    parser.add_argument("--repeats", *(["--steps"] if steps_means_repeats else []), dest="repeats", type=int, default=None,
                         help="measured repetitions per case; the median is reported (default: the preset's)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured repetitions per case first (default 1)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -163,15 +163,6 @@ def interleaved_timings(
 # ----------------------------------------------------------------------------------------- memory
 
 
-@dataclass
-class MemoryReading:
-    held: int  # bytes still allocated after the case was built and warmed up
-    peak: int  # bytes at the highest point of the measured call
-
-    def __str__(self) -> str:
-        return f"{self.peak / MiB:.0f}"
-
-
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -194,8 +185,8 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure_in_process(build: Builder, warmup: int, device: torch.device) -> MemoryReading | None:
-    """Build one case here and measure it (see the module docstring for what is measured)."""
+def measure_in_process(build: Builder, warmup: int, device: torch.device) -> int | None:
+    """Peak bytes of one case built and run here (see the module docstring); None where not measurable."""
     if device.type == "cuda":
         synchronize(device)
         start = torch.cuda.memory_allocated(device)
@@ -203,7 +194,6 @@ def measure_in_process(build: Builder, warmup: int, device: torch.device) -> Mem
         for _ in range(warmup):
             call()
         synchronize(device)
-        held = torch.cuda.memory_allocated(device) - start
         torch.cuda.reset_peak_memory_stats(device)
         call()
         synchronize(device)
@@ -211,25 +201,23 @@ def measure_in_process(build: Builder, warmup: int, device: torch.device) -> Mem
         del call
         gc.collect()
         torch.cuda.empty_cache()
-        return MemoryReading(held, peak)
+        return peak
     _release_freed_memory()
     start = _status_kib("VmRSS") * 1024
     call = build()
     for _ in range(warmup):
         call()
     _release_freed_memory()
-    held = _status_kib("VmRSS") * 1024 - start
     if not _reset_peak_rss():
         return None
     call()
     peak = _status_kib("VmHWM") * 1024 - start
     del call
     _release_freed_memory()
-    return MemoryReading(held, peak)
+    return peak
 
 
-def _memory_child(sender, build_case: Callable[[Any, str], Callable[[], Any]], payload: Any, name: str, warmup: int,
-                  threads: int) -> None:
+def _memory_child(sender, build_case: CaseBuilder, payload: Any, name: str, warmup: int, threads: int) -> None:
     torch.set_num_threads(threads)
     import diffusers  # imported before the baseline, so that neither side is charged for importing it
 
@@ -238,9 +226,7 @@ def _memory_child(sender, build_case: Callable[[Any, str], Callable[[], Any]], p
     sender.send(measure_in_process(lambda: build_case(payload, name), warmup, torch.device("cpu")))
 
 
-def _measure_in_fresh_process(
-    build_case: Callable[[Any, str], Callable[[], Any]], payload: Any, name: str, warmup: int
-) -> MemoryReading | None:
+def _measure_in_fresh_process(build_case: CaseBuilder, payload: Any, name: str, warmup: int) -> int | None:
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=_memory_child, args=(sender, build_case, payload, name, warmup, torch.get_num_threads()))
@@ -254,9 +240,9 @@ def _measure_in_fresh_process(
 
 
 def measure_memory(
-    names: list[str], build_case: Callable[[Any, str], Callable[[], Any]], payload: Any, warmup: int, device: torch.device
-) -> dict[str, MemoryReading | None]:
-    """Peak memory of each case (see the module docstring). `build_case(payload, name)` returns the call to
+    names: list[str], build_case: CaseBuilder, payload: Any, warmup: int, device: torch.device
+) -> dict[str, int | None]:
+    """Peak bytes of each case (see the module docstring). `build_case(payload, name)` returns the call to
     measure; on the CPU it runs in a fresh spawned process per case, so it must be a module-level function."""
     if device.type == "cuda":
         return {name: measure_in_process(lambda name=name: build_case(payload, name), warmup, device) for name in names}
@@ -268,7 +254,7 @@ def memory_note(device: torch.device) -> str:
         return ("peak MiB: torch.cuda.max_memory_allocated during one measured call, above the allocation before "
                 "the case was built (so it includes weights and optimizer state)")
     return ("peak MiB: RSS high-water mark during one measured call, above the RSS before the case was built "
-            "(weights, optimizer state, activations), each case in its own fresh spawned process")
+            "(weights and optimizer state included), each case in its own fresh spawned process")
 
 
 # ----------------------------------------------------------------------------------------- output
@@ -294,8 +280,8 @@ def verdict(value: float, target: float, at_least: bool = True) -> str:
     return f"{'met' if met else 'NOT met'} (target {'>=' if at_least else '<='} {target:g})"
 
 
-def mib(reading: MemoryReading | None) -> str:
-    return "n/a" if reading is None else f"{reading.peak / MiB:.0f}"
+def mib(peak: int | None) -> str:
+    return "n/a" if peak is None else f"{peak / MiB:.0f}"
 
 
 def count_flops(call: Callable[[], Any]) -> int:

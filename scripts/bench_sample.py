@@ -209,20 +209,20 @@ def unet_forwards(
     factor = model.downsampling_factor
     batch = 2 * payload.batch_size  # classifier-free guidance: [uncond, cond]
     generator = torch.Generator().manual_seed(payload.seed)
-    x = torch.randn(batch, model.latent_channels, payload.resolution // factor, payload.resolution // factor, generator=generator)
-    context = torch.randn(batch, 77, model.unet.config.cross_attention_dim, generator=generator)
-    t = torch.full((batch,), 500.0)
+    side = payload.resolution // factor
+    x = torch.randn(batch, model.latent_channels, side, side, generator=generator).to(device)
+    context = torch.randn(batch, 77, model.unet.config.cross_attention_dim, generator=generator).to(device)
+    t = torch.full((batch,), 500.0, device=device)
     diffusers_unet = diffusers_pipeline(model, device).unet
     calls: dict[str, Callable[[], Any]] = {}
     for precision in precisions:
         # our pipeline's U-Net call as it samples: weights in the compute dtype (channels_last on CUDA)
         unet = SamplingPipeline(load_latent_diffusion(payload.bundle, device), device, precision).denoiser.model_fn
-        calls[f"ours U-Net {precision}"] = lambda unet=unet: unet(x.to(device), t.to(device), context.to(device))
-    x_d, t_d, context_d = x.to(device), t.to(device), context.to(device)
-    calls["diffusers U-Net fp32"] = lambda: diffusers_unet(x_d, t_d, encoder_hidden_states=context_d, return_dict=False)
+        calls[f"ours U-Net {precision}"] = lambda unet=unet: unet(x, t, context)
+    calls["diffusers U-Net fp32"] = lambda: diffusers_unet(x, t, encoder_hidden_states=context, return_dict=False)
     with torch.inference_mode():
         flops = bench.count_flops(next(iter(calls.values())))
-    for precision in precisions:
+    for precision in sorted({"fp32", *precisions}, reverse=True):  # fp32: the reference of the fp32 target
         matmul, matmul_flops = bench.matmul_call(device, {"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
         calls[f"matmul 2048^3 {precision}"] = matmul
     return calls, flops, matmul_flops
@@ -234,8 +234,10 @@ def unet_forwards(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 2)[2])
-    bench.add_common_arguments(parser, {name: preset.description for name, preset in PRESETS.items()}, "small")
-    parser.add_argument("--sampling-steps", type=int, default=20, help="DDIM steps per image (default 20)")
+    bench.add_common_arguments(parser, {name: preset.description for name, preset in PRESETS.items()}, "small",
+                               steps_means_repeats=False)
+    parser.add_argument("--steps", "--sampling-steps", dest="sampling_steps", type=int, default=20,
+                        help="DDIM steps per image (default 20)")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--memory-steps", type=int, default=2,
                         help="DDIM steps of the memory measurement's call (the peak does not grow with steps; default 2)")
@@ -281,6 +283,10 @@ def image_psnr(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
     return float(psnr(a, b).mean()) if a is not None and b is not None else float("nan")
 
 
+def _psnr_text(a: torch.Tensor | None, b: torch.Tensor | None, reference: str) -> str:
+    return "n/a" if a is None or b is None else f"{image_psnr(a, b):.1f} vs {reference}"
+
+
 def report(payload: Payload, names: list[str], timings: dict, images: dict, memory: dict, device: torch.device) -> None:
     diffusers_fp32 = timings.get("diffusers fp32")
     rows = []
@@ -290,7 +296,7 @@ def report(payload: Payload, names: list[str], timings: dict, images: dict, memo
         rows.append([
             name, f"{seconds:.3f}", f"{timings[name].best / payload.batch_size:.3f}",
             bench.ratio(timings[name].median, diffusers_fp32.median) if diffusers_fp32 else "n/a",
-            f"{image_psnr(images[name], images.get(reference)):.1f} vs {reference}", bench.mib(memory.get(name)),
+            _psnr_text(images[name], images.get(reference), reference), bench.mib(memory.get(name)),
         ])
     bench.print_table(["case", "s/image", "min s/image", "time vs diffusers fp32", "PSNR dB", "peak MiB"], rows)
     spread = ", ".join(f"{name} {images[name].std():.2f}" for name in names if images[name] is not None)
@@ -327,7 +333,7 @@ def report_targets(names, timings, images, memory, forward_timings, unet_flops, 
         print(f"  ours bf16 output vs ours fp32: {quality:.1f} dB  {bench.verdict(quality, 30)}")
     for name in names:
         if name.startswith("ours") and memory.get(name) and memory.get(name.replace("ours", "diffusers")):
-            relative = memory[name].peak / memory[name.replace("ours", "diffusers")].peak
+            relative = memory[name] / memory[name.replace("ours", "diffusers")]
             print(f"  {name} peak memory / diffusers': {relative:.2f}  {bench.verdict(relative, 1.0, at_least=False)}")
     if "ours U-Net fp32" in forward_timings:
         share = (unet_flops / forward_timings["ours U-Net fp32"].median) / (matmul_flops / forward_timings["matmul 2048^3 fp32"].median)

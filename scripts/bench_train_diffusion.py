@@ -104,7 +104,7 @@ def build_model(payload: Payload, case: Case) -> tuple[torch.nn.Module, Callable
     return model, forward
 
 
-def build_step(payload: Payload, case: Case, models: dict | None = None) -> Callable[[], float]:
+def build_step(payload: Payload, case: Case, models: dict | None = None) -> Callable[[], torch.Tensor]:
     """One training step of `case` as a closure. `models` shares a model between autocast precisions."""
     device = torch.device(payload.device)
     key = (case.side, case.bf16_weights, case.channels_last, case.fused_adamw)
@@ -126,7 +126,7 @@ def build_step(payload: Payload, case: Case, models: dict | None = None) -> Call
     memory_format = torch.channels_last if case.channels_last else torch.contiguous_format
     autocast_precision = "fp32" if case.bf16_weights else case.precision
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         noise = torch.randn(shape, device=device)
         timesteps = torch.randint(0, schedule.num_train_timesteps, (shape[0],), device=device)
         x_t = schedule.add_noise(x0, noise, timesteps).to(input_dtype).contiguous(memory_format=memory_format)
@@ -163,8 +163,8 @@ def main() -> None:
                                resolution_help="latent side in cells (default: the preset's)")
     parser.add_argument("--context-length", type=int, default=None, help="text tokens per sample (default: the preset's)")
     parser.add_argument("--variants", action="store_true",
-                        help="also time ours with channels_last, with fused AdamW, with bf16 weights (no autocast), "
-                             "and with bf16 weights + channels_last")
+                        help="also time ours with channels_last, with fused AdamW, with bf16 weights (no autocast; "
+                             "a speed reference, not a training recipe), and with bf16 weights + channels_last")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the GPU's peak TFLOP/s for model-FLOPs utilisation (default 989: H100 SXM dense bf16)")
     args = parser.parse_args()
@@ -206,16 +206,17 @@ def main() -> None:
         throughput = payload.batch_size / seconds[name]
         row = [name, f"{seconds[name] * 1e3:.1f}", f"{timings[name].best * 1e3:.1f}", f"{throughput:.1f}",
                bench.ratio(seconds.get(reference), seconds[name]) if case.side == "ours" else "",
-               f"{flops / seconds[name] / 1e9:.0f}", bench.mib(memory.get(name))]
+               f"{flops / seconds[name] / 1e9:.0f}", bench.mib(memory.get(name)),
+               bench.ratio(memory.get(name), memory.get(reference)) if case.side == "ours" and memory else ""]
         if device.type == "cuda":
             row.append(f"{100 * flops / seconds[name] / (args.peak_tflops * 1e12):.1f}%")
         rows.append(row)
-    headers = ["case", "ms/step", "min ms", "latents/s", "vs diffusers", "GFLOP/s", "peak MiB"]
+    headers = ["case", "ms/step", "min ms", "latents/s", "vs diffusers", "GFLOP/s", "peak MiB", "mem vs diffusers"]
     if device.type == "cuda":
         headers.append(f"MFU@{args.peak_tflops:g}TF")
     bench.print_table(headers, rows)
     print(f"\none step = {flops / 1e9:.1f} GFLOP (FlopCounterMode, forward + backward); 'vs diffusers' = ours' "
-          "throughput / diffusers' at the same precision")
+          "throughput / diffusers' at the same autocast precision (higher is faster); 'mem vs diffusers' = peak / theirs")
     if memory:
         print(bench.memory_note(device))
 

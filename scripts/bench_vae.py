@@ -173,7 +173,7 @@ def main() -> None:
         rows.append([
             name, f"{seconds * 1e3:.1f}", f"{timings[name].best * 1e3:.1f}", f"{payload.batch_size / seconds:.1f}",
             bench.ratio(reference, seconds) if side != "diffusers" else "", f"{flops[side] / seconds / 1e9:.0f}",
-            bench.mib(memory.get(name)), bench.ratio(memory[name].peak, memory[f"diffusers {precision}"].peak)
+            bench.mib(memory.get(name)), bench.ratio(memory[name], memory[f"diffusers {precision}"])
             if side != "diffusers" and memory.get(name) and memory.get(f"diffusers {precision}") else "",
         ])
     bench.print_table(["case", "ms/step", "min ms", "images/s", "vs diffusers", "GFLOP/s", "peak MiB", "mem vs diffusers"], rows)

@@ -41,8 +41,12 @@ class AutoencoderTrainer:
         self.model = AutoencoderKL(config.autoencoder).to(device, memory_format=self.memory_format)
         self.loss = AutoencoderLoss(config.loss, lpips).to(device, memory_format=self.memory_format)
         betas = tuple(train.adam_betas)
-        self.opt_ae = torch.optim.Adam([*self.model.parameters(), self.loss.logvar], lr=train.lr, betas=betas, weight_decay=train.weight_decay)
-        self.opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=train.lr, betas=betas, weight_decay=train.weight_decay)
+        self.opt_ae = torch.optim.Adam(
+            [*self.model.parameters(), self.loss.logvar], lr=train.lr, betas=betas, weight_decay=train.weight_decay, fused=True
+        )
+        self.opt_disc = torch.optim.Adam(
+            self.loss.discriminator.parameters(), lr=train.lr, betas=betas, weight_decay=train.weight_decay, fused=True
+        )
         self.scaler = grad_scaler(self.precision, device)
         self.ema = EMA(self.model, train.ema_decay) if train.ema_decay else None
         self.generator = torch.Generator(device).manual_seed(train.seed)  # posterior samples
