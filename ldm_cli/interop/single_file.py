@@ -72,9 +72,8 @@ def _load_weights_only(path: Path) -> object:
             what = f" ({needs.group(1)})" if needs else ""
             raise BundleError(
                 f"{path} needs arbitrary Python code to load{what} and ldm does not unpickle code; on a machine "
-                "where you trust this file, re-save its state dict as .safetensors "
-                "(safetensors.torch.save_file(torch.load(f, weights_only=False)['state_dict'], 'model.safetensors')) "
-                "and convert that"
+                "where you trust this file, load it with full unpickling, save its state dict with "
+                "safetensors.torch.save_file as model.safetensors, and convert that"
             ) from error
         raise BundleError(f"{path} is not a readable PyTorch checkpoint ({_first_line(error)})") from error
     except (RuntimeError, EOFError, OSError, ValueError) as error:
