@@ -5,10 +5,13 @@ diffusers' pipeline gets the same weights (our parameter names are diffusers'), 
 schedule (SD's: leading spacing, steps_offset 1), steps, guidance scale, size and initial noise.
 Both are timed in the same run, interleaved; the k-th call of every case uses the same prompt and
 seed, so the last images of each case are compared (PSNR). bf16: ours keeps its U-Net weights in
-bf16; diffusers runs under torch.autocast(bf16), for reference. A second table sets one U-Net
+bf16; diffusers runs under torch.autocast(bf16), for reference. `--compile` adds ours with
+`compile=true` (torch.compile, weights frozen), timed after its one-time compilation, which is
+reported separately with the number of images after which it has paid for itself. A second table sets one U-Net
 forward's achieved GFLOP/s against a plain 2048^3 matmul measured in the same run.
 
     python scripts/bench_sample.py                          # small U-Net, 16x16 latents, 20 steps
+    python scripts/bench_sample.py --compile                # also ours with compile=true
     python scripts/bench_sample.py --preset sd15 --device cuda
 """
 
@@ -19,6 +22,7 @@ import contextlib
 import math
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -162,9 +166,9 @@ def settings_for(payload: Payload) -> SamplingSettings:
                             timestep_spacing=SPACING, height=payload.resolution, width=payload.resolution)
 
 
-def build_ours(payload: Payload, precision: str) -> Generate:
+def build_ours(payload: Payload, precision: str, compile: bool = False) -> Generate:
     device = torch.device(payload.device)
-    pipeline = SamplingPipeline(load_latent_diffusion(payload.bundle, device), device, precision)
+    pipeline = SamplingPipeline(load_latent_diffusion(payload.bundle, device), device, precision, compile=compile)
     settings = settings_for(payload)
     return Generate(lambda prompts, seeds: pipeline([ImageJob(p, s) for p, s in zip(prompts, seeds)], settings),
                     payload.batch_size, payload.seed)
@@ -193,8 +197,10 @@ def build_diffusers(payload: Payload, precision: str) -> Generate:
 
 
 def build_case(payload: Payload, name: str) -> Generate:
-    side, precision = name.split(" ")
-    return (build_ours if side == "ours" else build_diffusers)(payload, precision)
+    side, precision, *compiled = name.split(" ")  # "ours fp32", "diffusers bf16", "ours bf16 compiled"
+    if side == "ours":
+        return build_ours(payload, precision, compile=bool(compiled))
+    return build_diffusers(payload, precision)
 
 
 # ----------------------------------------------------------------------------------- U-Net GFLOP/s
@@ -239,6 +245,8 @@ def main() -> None:
     parser.add_argument("--steps", "--sampling-steps", dest="sampling_steps", type=int, default=20,
                         help="DDIM steps per image (default 20)")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours with compile=true (torch.compile; compiles once, about a minute on a CPU)")
     parser.add_argument("--memory-steps", type=int, default=2,
                         help="DDIM steps of the memory measurement's call (the peak does not grow with steps; default 2)")
     args = parser.parse_args()
@@ -246,6 +254,7 @@ def main() -> None:
     device = bench.setup(args)
     chosen = bench.precisions(args.precision)
     names = [f"{side} {precision}" for precision in chosen for side in ("ours", "diffusers")]
+    compiled = [f"ours {precision} compiled" for precision in chosen] if args.compile else []
     repeats = args.repeats or preset.repeats
 
     with tempfile.TemporaryDirectory(prefix="bench-sample-") as scratch:
@@ -259,7 +268,14 @@ def main() -> None:
               f"{args.warmup} warm-up, interleaved, median\n")
 
         print("timing ...", flush=True)
-        cases = {name: build_case(payload, name) for name in names}
+        cases = {name: build_case(payload, name) for name in names + compiled}
+        compile_seconds = {}
+        for name in compiled:
+            print(f"compiling {name} ...", flush=True)
+            start = time.perf_counter()
+            cases[name]()  # the first call compiles
+            compile_seconds[name] = time.perf_counter() - start
+            cases[name].calls = 0  # the k-th timed call of every case makes the same images
         timings = bench.interleaved_timings(cases, repeats, args.warmup, device)
         images = {name: case.last for name, case in cases.items()}
         del cases
@@ -274,9 +290,10 @@ def main() -> None:
             memory_payload = Payload(**{**payload.__dict__, "steps": args.memory_steps})
             memory = bench.measure_memory(names, build_case, memory_payload, args.warmup, device)
 
-    report(payload, names, timings, images, memory, device)
+    report(payload, names + compiled, timings, images, memory, device)
+    report_compilation(payload, compile_seconds, timings)
     report_gflops(forward_timings, unet_flops, matmul_flops, chosen)
-    report_targets(names, timings, images, memory, forward_timings, unet_flops, matmul_flops, device)
+    report_targets(names + compiled, timings, images, memory, forward_timings, unet_flops, matmul_flops, device)
 
 
 def image_psnr(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
@@ -292,7 +309,10 @@ def report(payload: Payload, names: list[str], timings: dict, images: dict, memo
     rows = []
     for name in names:
         seconds = timings[name].median / payload.batch_size
-        reference = "ours fp32" if name != "ours fp32" else "diffusers fp32"
+        if name.endswith(" compiled"):
+            reference = name.removesuffix(" compiled")  # compiled kernels round differently from eager ones
+        else:
+            reference = "diffusers fp32" if name == "ours fp32" else "ours fp32"
         rows.append([
             name, f"{seconds:.3f}", f"{timings[name].best / payload.batch_size:.3f}",
             bench.ratio(timings[name].median, diffusers_fp32.median) if diffusers_fp32 else "n/a",
@@ -304,6 +324,15 @@ def report(payload: Payload, names: list[str], timings: dict, images: dict, memo
           f"PSNR of the last images, same prompt and seed (pixel std, to show they are pictures: {spread})")
     if memory:
         print(bench.memory_note(device) + "; memory calls use --memory-steps DDIM steps")
+
+
+def report_compilation(payload: Payload, compile_seconds: dict[str, float], timings: dict) -> None:
+    for name, seconds in compile_seconds.items():
+        eager, compiled = timings[name.removesuffix(" compiled")].median, timings[name].median
+        one_time = seconds - compiled  # the first call minus an ordinary one
+        saved = eager - compiled  # per call of `batch` images
+        paid = f"pays for itself after {math.ceil(one_time / saved * payload.batch_size)} images" if saved > 0 else "never pays"
+        print(f"{name}: compiling took {one_time:.0f} s once; {eager / compiled:.2f}x faster per image after that; {paid}")
 
 
 def report_gflops(timings: dict, unet_flops: int, matmul_flops: int, chosen: list[str]) -> None:
@@ -328,6 +357,11 @@ def report_targets(names, timings, images, memory, forward_timings, unet_flops, 
     if "ours bf16" in timings and "diffusers fp32" in timings:
         relative = timings["ours bf16"].median / timings["diffusers fp32"].median
         print(f"  ours bf16 time / diffusers fp32: {relative:.2f}  {bench.verdict(relative, 0.5, at_least=False)}")
+    for name in (n for n in names if n.endswith("compiled")):
+        relative = timings[name].median / timings["diffusers fp32"].median
+        target = 0.8 if " fp32 " in name else 0.5
+        print(f"  {name} time / diffusers fp32: {relative:.2f}  {bench.verdict(relative, target, at_least=False)} "
+              f"(after compiling; PSNR vs {name.removesuffix(' compiled')} {image_psnr(images[name], images[name.removesuffix(' compiled')]):.1f} dB)")
     if "ours bf16" in images and "ours fp32" in images:
         quality = image_psnr(images["ours bf16"], images["ours fp32"])
         print(f"  ours bf16 output vs ours fp32: {quality:.1f} dB  {bench.verdict(quality, 30)}")

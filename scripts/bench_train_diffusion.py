@@ -43,7 +43,7 @@ class Preset:
 
 PRESETS = {
     "tiny": Preset("tiny", 8, 64, 32, 5, "configs/unet/tiny.yaml (~4.6M params), 8x8 latents, batch 64"),
-    "small": Preset("small", 16, 16, 32, 3, "configs/unet/small.yaml (~41M params), 16x16 latents, batch 16"),
+    "small": Preset("small", 32, 16, 32, 3, "configs/unet/small.yaml (~41M params), 32x32 latents (its sample_size), batch 16"),
     "sd15": Preset("sd15", 64, 1, 77, 5, "SD-1.5 U-Net (860M params), 64x64 latents, batch 1; GPU only"),
 }
 

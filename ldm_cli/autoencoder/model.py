@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ldm_cli.attention import attention
+
 NORM_EPS = 1e-6  # every GroupNorm in the SD autoencoder uses this eps
 
 
@@ -101,9 +103,9 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
-        # one head: [B, 1, HW, C]; SDPA's default scale 1/sqrt(C) is the original one
+        # one head: [B, 1, HW, C]; the scale 1/sqrt(C) is the original one
         q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))
-        attended = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        attended = attention(q, k, v).squeeze(1)
         out = self.to_out[0](attended).transpose(1, 2).reshape(batch, channels, height, width)
         return x + out
 

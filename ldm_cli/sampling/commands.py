@@ -15,7 +15,7 @@ import math
 import os
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -145,7 +145,7 @@ def _load_model(path: Optional[Path], device: torch.device) -> LatentDiffusion:
 
 
 def _pipeline(model: LatentDiffusion, device: torch.device, precision: str, config: SampleConfig) -> SamplingPipeline:
-    return SamplingPipeline(model, device, precision, config.tile_decode_above, config.tile_latent_size)
+    return SamplingPipeline(model, device, precision, config.tile_decode_above, config.tile_latent_size, compile=config.compile)
 
 
 def _base_metadata(mode: str, settings: SamplingSettings, pipeline: SamplingPipeline) -> dict[str, Any]:
@@ -160,6 +160,7 @@ def _base_metadata(mode: str, settings: SamplingSettings, pipeline: SamplingPipe
         "timestep_spacing": settings.timestep_spacing,
         "karras_sigmas": settings.karras_sigmas,
         "precision": pipeline.precision,
+        "compiled": pipeline.compiled,  # compiled kernels round differently: a replay compiles too
         "model": str(bundle.path.resolve()),
         "model_hash": bundle.content_hash,
         "ldm_version": __version__,
@@ -443,7 +444,7 @@ def run_replay(
     if meta.get("device") not in (None, device.type):
         print(f"note: {Path(image).name} was made on {meta['device']}, this replay runs on {device.type}; pixels may differ slightly")
 
-    pipeline = _pipeline(loaded, device, precision, config)
+    pipeline = _pipeline(loaded, device, precision, replace(config, compile=bool(meta.get("compiled", False))))
     latent = None
     if init_path is not None:
         resized_to = tuple(meta["init_resized_to"]) if meta.get("init_resized_to") else None

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ldm_cli.autoencoder.model import tiled_decode
 from ldm_cli.diffusion.load import LatentDiffusion
 from ldm_cli.errors import ConfigError, UsageError
+from ldm_cli.sampling.compile import compile_for_inference
 from ldm_cli.sampling.denoiser import Denoiser, get_sigmas
 from ldm_cli.sampling.samplers import SAMPLERS, sample
 from ldm_cli.training.precision import DTYPES, autocast
@@ -172,6 +173,7 @@ class SamplingPipeline:
         tile_decode_above: int = 1024,
         tile_latent_size: int = 64,
         channels_last: Optional[bool] = None,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.device = torch.device(device)
@@ -187,6 +189,8 @@ class SamplingPipeline:
         model.unet.to(device=self.device, dtype=self.unet_dtype)
         if self.channels_last:
             model.unet.to(memory_format=torch.channels_last)
+        self.compiled = compile  # torch.compile the U-Net: a slow first step, faster ones after
+        self._unet_forward = compile_for_inference(model.unet) if compile else model.unet
         self.denoiser = Denoiser(self._unet, model.schedule)
         self._embeddings: dict[str, torch.Tensor] = {}
 
@@ -209,7 +213,7 @@ class SamplingPipeline:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            output = self.model.unet(x, t, encoder_hidden_states.to(self.unet_dtype))
+            output = self._unet_forward(x, t, encoder_hidden_states.to(self.unet_dtype))
         return output.float()  # the sampler's state stays float32
 
     # 1. encode prompts --------------------------------------------------------------------------

@@ -148,5 +148,9 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(latents, tmp_p
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     single_weights, ddp_weights = unet_weights(tmp_path / "single"), unet_weights(tmp_path / "ddp")
+    # Adam's m/sqrt(v) turns summation-order noise in a near-zero gradient into a step of up to lr (1e-3)
+    # for that one element, so single elements get a fraction of a step; the weights as a whole must agree tightly
     for key in single_weights:
-        torch.testing.assert_close(ddp_weights[key], single_weights[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(ddp_weights[key], single_weights[key], rtol=1e-4, atol=3e-4, msg=lambda m: key + m)
+    differences = torch.cat([(ddp_weights[key] - single_weights[key]).abs().flatten() for key in single_weights])
+    assert differences.mean() < 1e-6 and (differences > 1e-5).float().mean() < 1e-3
