@@ -2,7 +2,7 @@
 
 `F.scaled_dot_product_attention` is the right call almost everywhere: flash/memory-efficient kernels
 on CUDA, and a flash kernel on the CPU that never materialises the score matrix. One exception,
-measured by `scripts/bench_attention.py`: on the CPU in bf16/fp16, the flash kernel is 1.5–3× slower
+measured by `scripts/bench_attention.py`: on the CPU in bf16/fp16, the flash kernel is 1.3–7× slower
 (forward and backward) than two plain batched matmuls while the score matrix is small — the shapes
 of small U-Nets, low-resolution levels and all text cross-attention at CPU sizes. There the scores
 are formed explicitly (softmax in fp32, for accuracy); past `EXPLICIT_MAX_SCORES` scores per head,
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # Largest query x key length product for which the explicit product is used (CPU, bf16/fp16):
-# at 256x256 both are on par in training, at 1024x1024 the fused kernel is 1.5–3x faster.
+# at 256x256 both are on par in training, at 1024x1024 the fused kernel is 2–3x faster.
 EXPLICIT_MAX_SCORES = 2**17
 _REDUCED_PRECISION = (torch.bfloat16, torch.float16)
 

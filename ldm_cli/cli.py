@@ -205,7 +205,14 @@ ETA = typer.Option(None, "--eta", help="Noise of ancestral/SDE/DDIM samplers (de
 PRECISION = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16 (fp16 on CUDA only)")
 GRID = typer.Option(False, "--grid", help="Also write a contact sheet of the run's images.")
 JSON_SIDECAR = typer.Option(False, "--json", help="Also write each image's metadata as a .json beside it.")
-SAMPLE_OUT = typer.Option(..., "--out", help="Output folder; existing files are never overwritten.")
+SAMPLE_OUT = typer.Option(None, "--out", help="Output folder (required); existing files are never overwritten.")
+
+
+def _required_out(out: Optional[Path]) -> Path:
+    # optional for Typer only so that --show-config works without it
+    if out is None:
+        raise UsageError("--out is required: the folder to write the images to")
+    return out
 
 
 @app.command("sample")
@@ -227,7 +234,7 @@ def sample(
     device: str = DEVICE,
     grid: bool = GRID,
     as_json: bool = JSON_SIDECAR,
-    out: Path = SAMPLE_OUT,
+    out: Optional[Path] = SAMPLE_OUT,
     replay: Optional[Path] = typer.Option(None, "--replay", help="Remake an image from its PNG metadata (all other settings come from it)."),
     config_dir: Optional[Path] = CONFIG_DIR,
     show_config: bool = SHOW_CONFIG,
@@ -235,6 +242,7 @@ def sample(
 ) -> None:
     """Text → images with a trained latent-diffusion model; each PNG carries its settings."""
     config = _config("sample", overrides, config_dir, [], show_config)
+    out = _required_out(out)
     from ldm_cli.sampling.commands import SampleRequest, run_replay, run_sample
 
     if replay is not None:
@@ -272,13 +280,14 @@ def img2img(
     device: str = DEVICE,
     grid: bool = GRID,
     as_json: bool = JSON_SIDECAR,
-    out: Path = SAMPLE_OUT,
+    out: Optional[Path] = SAMPLE_OUT,
     config_dir: Optional[Path] = CONFIG_DIR,
     show_config: bool = SHOW_CONFIG,
     overrides: Optional[list[str]] = OVERRIDES,
 ) -> None:
     """Image + text → images (SDEdit): noise the init's latent to --strength, then denoise it."""
     config = _config("sample", overrides, config_dir, [], show_config)
+    out = _required_out(out)
     from ldm_cli.sampling.commands import SampleRequest, run_img2img
 
     written = run_img2img(SampleRequest(

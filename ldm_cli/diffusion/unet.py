@@ -284,7 +284,6 @@ class SpatialTransformer(nn.Module):
         use_linear_projection: bool, use_checkpoint: bool,
     ) -> None:
         super().__init__()
-        self.use_linear_projection = use_linear_projection
         self.use_checkpoint = use_checkpoint
         self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_GROUP_NORM_EPS)
         projection = nn.Linear if use_linear_projection else partial(nn.Conv2d, kernel_size=1)

@@ -2,7 +2,7 @@
 
 Inductor's "freezing" treats the (inference-only) weights as constants: it folds them and, on the
 CPU, pre-packs them into oneDNN's blocked layouts once instead of on every call, and it fuses the
-element-wise work between the matmuls. Measured by `scripts/bench_sample.py`: 1.2–1.3× faster steps,
+element-wise work between the matmuls. Measured by `scripts/bench_sample.py`: 1.1–1.3× faster steps,
 after a one-time compilation of about a minute on a 2-core CPU — worth it for runs of many images.
 """
 
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def compile_for_inference(module: nn.Module) -> Callable[..., Any]:
     """`module` compiled for inference; where compilation fails (no C++ compiler, an unsupported
     platform) it warns once and runs `module` eagerly, so a long sampling job is never lost to it."""
-    import torch._inductor.config as inductor_config
+    import torch._inductor.config as inductor_config  # here: inductor is heavy, and only compile=true needs it
 
     compiled = torch.compile(module, dynamic=False)
     run: list[Callable[..., Any]] = [compiled]

@@ -179,3 +179,13 @@ def test_console_script_reports_an_unreadable_init_image(model_dir, tmp_path):
     assert result.returncode == 3
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot read image {tmp_path / 'broken.png'}")
     assert not (tmp_path / "out").exists()
+
+
+def test_show_config_needs_no_out_but_sampling_does(ldm, model_dir):
+    code, stdout, _ = ldm("sample", "--show-config", "compile=true", "karras_sigmas=true")
+    assert code == 0
+    assert "compile: true" in stdout and "karras_sigmas: true" in stdout and "tile_decode_above: 1024" in stdout
+    code, _, stderr = ldm("sample", "--model", model_dir, "--prompt", "a red circle")
+    assert code == 2 and stderr == "error: --out is required: the folder to write the images to\n"
+    code, _, stderr = ldm("img2img", "--model", model_dir, "--init", model_dir, "--prompt", "a red circle")
+    assert code == 2 and "--out is required" in stderr
