@@ -22,6 +22,8 @@ def compile_for_inference(module: nn.Module) -> Callable[..., Any]:
     platform) it warns once and runs `module` eagerly, so a long sampling job is never lost to it."""
     import torch._inductor.config as inductor_config  # here: inductor is heavy, and only compile=true needs it
 
+    # torch's C++ toolchain probe warns about CUDA_HOME on CPU-only machines: not the user's concern
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     compiled = torch.compile(module, dynamic=False)
     run: list[Callable[..., Any]] = [compiled]
 
@@ -29,8 +31,6 @@ def compile_for_inference(module: nn.Module) -> Callable[..., Any]:
         if run[0] is module:
             return module(*args, **kwargs)
         try:
-            # torch's C++ toolchain probe warns about CUDA_HOME on CPU-only machines: not the user's concern
-            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             # read when the first call compiles (torch.compile's `options` do not reach freezing)
             with inductor_config.patch(freezing=True):
                 return run[0](*args, **kwargs)
