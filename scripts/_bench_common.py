@@ -125,6 +125,18 @@ def print_environment(device: torch.device) -> None:
     print()
 
 
+# ---------------------------------------------------------------------------------------- presets
+
+
+def load_yaml(group: str, name: str, schema: type) -> Any:
+    """configs/<group>/<name>.yaml as the dataclass `schema` (the packaged presets, no Hydra composition)."""
+    from omegaconf import OmegaConf
+
+    from ldm_cli.config import CONFIG_DIR, from_dict
+
+    return from_dict(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{name}.yaml")), schema)
+
+
 # ----------------------------------------------------------------------------------------- timing
 
 

@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bench  # noqa: E402
 
 from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL  # noqa: E402
 from ldm_cli.bundle import write_bundle  # noqa: E402
-from ldm_cli.config import CONFIG_DIR, from_dict, to_dict  # noqa: E402
+from ldm_cli.config import to_dict  # noqa: E402
 from ldm_cli.diffusion.load import LatentDiffusion, load_latent_diffusion, write_latent_diffusion_bundle  # noqa: E402
 from ldm_cli.diffusion.schedule import ScheduleConfig  # noqa: E402
 from ldm_cli.diffusion.text import TextEncoder, TextEncoderConfig, load_text_encoder, save_text_encoder  # noqa: E402
@@ -84,9 +83,6 @@ class Payload:
 # --------------------------------------------------------------------------------- the random model
 
 
-def load_yaml(group: str, name: str, schema: type) -> Any:
-    return from_dict(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{name}.yaml")), schema)
-
 
 def random_text_encoder(width: int, layers: int) -> TextEncoder:
     """A CLIP text tower of the given width with random weights, on the byte-level tiny CLIP tokenizer."""
@@ -104,14 +100,14 @@ def random_text_encoder(width: int, layers: int) -> TextEncoder:
 def write_random_model(directory: Path, preset: Preset, resolution: int, seed: int) -> Path:
     """A complete random latent-diffusion bundle (our format) for `preset`; returns its path."""
     torch.manual_seed(seed)
-    autoencoder_config = load_yaml("autoencoder", preset.autoencoder, AutoencoderConfig)
+    autoencoder_config = bench.load_yaml("autoencoder", preset.autoencoder, AutoencoderConfig)
     autoencoder = write_bundle(
         directory / "autoencoder", "autoencoder", {"autoencoder": AutoencoderKL(autoencoder_config).state_dict()},
         {"autoencoder": to_dict(autoencoder_config), "latent_scale": LATENT_SCALE, "latent_shift": 0.0, "resolution": resolution},
     )
     text_encoder = random_text_encoder(preset.text_width, preset.text_layers)
     text_config = TextEncoderConfig(pretrained=str(save_text_encoder(text_encoder, directory / "text_encoder")), max_length=77)
-    unet_config = load_yaml("unet", preset.unet, UNetConfig)
+    unet_config = bench.load_yaml("unet", preset.unet, UNetConfig)
     unet_config.cross_attention_dim = preset.text_width
     return write_latent_diffusion_bundle(
         directory / "model", UNet(unet_config).state_dict(), unet_config, ScheduleConfig(), text_config, text_encoder, autoencoder

@@ -16,7 +16,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bench  # noqa: E402
 
-from ldm_cli.config import CONFIG_DIR, from_dict  # noqa: E402
+from ldm_cli.config import from_dict  # noqa: E402
 from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig  # noqa: E402
 from ldm_cli.diffusion.unet import UNet, UNetConfig  # noqa: E402
 from ldm_cli.training.precision import autocast  # noqa: E402
@@ -75,9 +75,6 @@ class Payload:
     device: str
     cases: dict[str, Case]
 
-
-def load_unet_config(name: str) -> UNetConfig:
-    return from_dict(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "unet" / f"{name}.yaml")), UNetConfig)
 
 
 def build_model(payload: Payload, case: Case) -> tuple[torch.nn.Module, Callable[..., torch.Tensor]]:
@@ -174,7 +171,7 @@ def main() -> None:
         print("warning: the sd15 preset on the CPU takes minutes per step\n")
 
     payload = Payload(
-        unet_config=OmegaConf.to_container(OmegaConf.structured(load_unet_config(preset.unet))),
+        unet_config=OmegaConf.to_container(OmegaConf.structured(bench.load_yaml("unet", preset.unet, UNetConfig))),
         latent_size=args.resolution or preset.latent_size,
         batch_size=args.batch_size or preset.batch_size,
         context_length=args.context_length or preset.context_length,

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bench  # noqa: E402
@@ -27,7 +26,7 @@ import _bench_common as bench  # noqa: E402
 from ldm_cli.autoencoder.loss import AutoencoderLossConfig  # noqa: E402
 from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL  # noqa: E402
 from ldm_cli.autoencoder.train import AutoencoderTrainer  # noqa: E402
-from ldm_cli.config import CONFIG_DIR, TrainConfig, TrainVaeConfig, from_dict  # noqa: E402
+from ldm_cli.config import TrainConfig, TrainVaeConfig  # noqa: E402
 from ldm_cli.training.precision import autocast  # noqa: E402
 
 KL_WEIGHT = 1e-6  # the LDM value (configs/loss/vae.yaml)
@@ -63,9 +62,6 @@ class Payload:
     device: str
 
 
-def load_yaml(group: str, name: str, schema: type) -> Any:
-    return from_dict(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{name}.yaml")), schema)
-
 
 def diffusers_autoencoder(config: AutoencoderConfig) -> torch.nn.Module:
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
@@ -82,7 +78,7 @@ def diffusers_autoencoder(config: AutoencoderConfig) -> torch.nn.Module:
 def build_step(payload: Payload, side: str, precision: str) -> Callable[[], Any]:
     """One training step of (side, precision) as a closure, on the shared seed's weights and images."""
     device = torch.device(payload.device)
-    config = load_yaml("autoencoder", payload.preset.autoencoder, AutoencoderConfig)
+    config = bench.load_yaml("autoencoder", payload.preset.autoencoder, AutoencoderConfig)
     torch.manual_seed(payload.seed)
     ours = AutoencoderKL(config)
     images = torch.rand(payload.batch_size, 3, payload.resolution, payload.resolution,
@@ -124,8 +120,8 @@ def trainer_step(
     payload: Payload, config: AutoencoderConfig, weights: dict, images: torch.Tensor, precision: str
 ) -> Callable[[], Any]:
     """AutoencoderTrainer.train_step as `ldm train-vae` runs it, with the GAN terms on from step 0."""
-    train = replace(load_yaml("train", payload.preset.train, TrainConfig), precision=precision, ema_decay=None)
-    loss = replace(load_yaml("loss", payload.preset.loss, AutoencoderLossConfig), perceptual_weight=0.0, disc_start=0)
+    train = replace(bench.load_yaml("train", payload.preset.train, TrainConfig), precision=precision, ema_decay=None)
+    loss = replace(bench.load_yaml("loss", payload.preset.loss, AutoencoderLossConfig), perceptual_weight=0.0, disc_start=0)
     trainer = AutoencoderTrainer(TrainVaeConfig(autoencoder=config, train=train, loss=loss), None, torch.device(payload.device))
     trainer.model.load_state_dict(weights)
     batch = [{"image": images, "caption": [""] * len(images)}]
@@ -151,7 +147,7 @@ def main() -> None:
     repeats = args.repeats or preset.repeats
 
     steps = {name: build_case(payload, name) for name in names}
-    parameters = sum(p.numel() for p in AutoencoderKL(load_yaml("autoencoder", preset.autoencoder, AutoencoderConfig)).parameters())
+    parameters = sum(p.numel() for p in AutoencoderKL(bench.load_yaml("autoencoder", preset.autoencoder, AutoencoderConfig)).parameters())
     print(f"autoencoder {preset.autoencoder}: {parameters / 1e6:.1f}M parameters, images {payload.batch_size}x3x"
           f"{payload.resolution}x{payload.resolution}; {repeats} measured steps per case after {args.warmup} warm-up, "
           "interleaved, median\n")
