@@ -146,8 +146,10 @@ class Generate:
     """One case's txt2img call. Its k-th call uses prompt k and the same seeds in every case, so the
     cases' last images can be compared; `last` keeps them ([B, 3, H, W] in [-1, 1], CPU float32)."""
 
-    def __init__(self, make_images: Callable[[list[str], list[int]], torch.Tensor], batch_size: int, seed: int) -> None:
+    def __init__(self, make_images: Callable[[list[str], list[int]], torch.Tensor], batch_size: int, seed: int,
+                 pipeline: SamplingPipeline | None = None) -> None:
         self.make_images, self.batch_size, self.seed = make_images, batch_size, seed
+        self.pipeline = pipeline  # ours: kept so that its compiled U-Net can be timed on its own too
         self.calls = 0
         self.last: torch.Tensor | None = None
 
@@ -167,7 +169,7 @@ def build_ours(payload: Payload, precision: str, compile: bool = False) -> Gener
     pipeline = SamplingPipeline(load_latent_diffusion(payload.bundle, device), device, precision, compile=compile)
     settings = settings_for(payload)
     return Generate(lambda prompts, seeds: pipeline([ImageJob(p, s) for p, s in zip(prompts, seeds)], settings),
-                    payload.batch_size, payload.seed)
+                    payload.batch_size, payload.seed, pipeline)
 
 
 def build_diffusers(payload: Payload, precision: str) -> Generate:
@@ -203,10 +205,10 @@ def build_case(payload: Payload, name: str) -> Generate:
 
 
 def unet_forwards(
-    payload: Payload, device: torch.device, precisions: list[str]
-) -> tuple[dict[str, Callable[[], Any]], int, int]:
-    """One guided U-Net forward (batch 2B) per case, and plain matmuls as the reference: (calls, U-Net FLOPs,
-    matmul FLOPs)."""
+    payload: Payload, device: torch.device, precisions: list[str], compiled: dict[str, SamplingPipeline]
+) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]:
+    """One guided U-Net forward (batch 2B) per case, and plain matmuls as the reference: (calls, FLOPs of each).
+    `compiled`: the already compiled pipelines of the "ours <precision> compiled" cases."""
     model = load_latent_diffusion(payload.bundle, device)
     factor = model.downsampling_factor
     batch = 2 * payload.batch_size  # classifier-free guidance: [uncond, cond]
@@ -218,16 +220,24 @@ def unet_forwards(
     diffusers_unet = diffusers_pipeline(model, device).unet
     calls: dict[str, Callable[[], Any]] = {}
     for precision in precisions:
-        # our pipeline's U-Net call as it samples: weights in the compute dtype (channels_last on CUDA)
-        unet = SamplingPipeline(load_latent_diffusion(payload.bundle, device), device, precision).denoiser.model_fn
-        calls[f"ours U-Net {precision}"] = lambda unet=unet: unet(x, t, context)
+        # our pipeline's U-Net call as it samples: weights in the compute dtype (channels_last on CUDA), the
+        # text's cross-attention keys and values projected once per image, before the steps
+        pipeline = SamplingPipeline(load_latent_diffusion(payload.bundle, device), device, precision)
+        with torch.inference_mode():
+            text = pipeline._project_text(context)
+        calls[f"ours U-Net {precision}"] = lambda unet=pipeline.denoiser.model_fn, text=text: unet(x, t, text)
     calls["diffusers U-Net fp32"] = lambda: diffusers_unet(x, t, encoder_hidden_states=context, return_dict=False)
     with torch.inference_mode():
-        flops = bench.count_flops(next(iter(calls.values())))
+        flops = {name: bench.count_flops(call) for name, call in calls.items()}  # ours skips the text projections
+        for name, pipeline in compiled.items():  # the eager forward's FLOPs: compiled kernels are not counted
+            precision, text = name.split(" ")[1], pipeline._project_text(context)
+            calls[f"ours U-Net {precision} compiled"] = lambda unet=pipeline.denoiser.model_fn, text=text: unet(x, t, text)
+            flops[f"ours U-Net {precision} compiled"] = flops[f"ours U-Net {precision}"]
     for precision in sorted({"fp32", *precisions}, reverse=True):  # fp32: the reference of the fp32 target
         matmul, matmul_flops = bench.matmul_call(device, {"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
         calls[f"matmul 2048^3 {precision}"] = matmul
-    return calls, flops, matmul_flops
+        flops[f"matmul 2048^3 {precision}"] = matmul_flops
+    return calls, flops
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -274,9 +284,11 @@ def main() -> None:
             cases[name].calls = 0  # the k-th timed call of every case makes the same images
         timings = bench.interleaved_timings(cases, repeats, args.warmup, device)
         images = {name: case.last for name, case in cases.items()}
+        compiled_pipelines = {name: cases[name].pipeline for name in compiled}
         del cases
         print("U-Net forward GFLOP/s ...", flush=True)
-        forwards, unet_flops, matmul_flops = unet_forwards(payload, device, chosen)
+        forwards, flops = unet_forwards(payload, device, chosen, compiled_pipelines)
+        del compiled_pipelines
         with torch.inference_mode():
             forward_timings = bench.interleaved_timings(forwards, max(repeats, 5), 1, device)
         del forwards
@@ -288,8 +300,8 @@ def main() -> None:
 
     report(payload, names + compiled, timings, images, memory, device)
     report_compilation(payload, compile_seconds, timings)
-    report_gflops(forward_timings, unet_flops, matmul_flops, chosen)
-    report_targets(names + compiled, timings, images, memory, forward_timings, unet_flops, matmul_flops, device)
+    report_gflops(forward_timings, flops)
+    report_targets(names + compiled, timings, images, memory, forward_timings, flops, device)
 
 
 def image_psnr(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
@@ -331,19 +343,22 @@ def report_compilation(payload: Payload, compile_seconds: dict[str, float], timi
         print(f"{name}: compiling took {one_time:.0f} s once; {eager / compiled:.2f}x faster per image after that; {paid}")
 
 
-def report_gflops(timings: dict, unet_flops: int, matmul_flops: int, chosen: list[str]) -> None:
-    print(f"\nU-Net forward (batch of [uncond, cond]): {unet_flops / 1e9:.2f} GFLOP by FlopCounterMode")
+def gflops(timings: dict, flops: dict[str, int], name: str) -> float:
+    return flops[name] / timings[name].median / 1e9
+
+
+def report_gflops(timings: dict, flops: dict[str, int]) -> None:
+    print("\nU-Net forward (batch of [uncond, cond]); GFLOP by FlopCounterMode, ours without the text's "
+          "cross-attention keys and values, which sampling projects once per image")
     rows = []
     for name, timing in timings.items():
-        flops = matmul_flops if name.startswith("matmul") else unet_flops
-        precision = name.rsplit(" ", 1)[1]
-        matmul = timings[f"matmul 2048^3 {precision}"].median
-        rate = flops / timing.median
-        rows.append([name, f"{timing.median * 1e3:.1f}", f"{rate / 1e9:.0f}", f"{100 * rate / (matmul_flops / matmul):.0f}%"])
-    bench.print_table(["call", "ms", "GFLOP/s", "of matmul at its precision"], rows)
+        matmul = f"matmul 2048^3 {name.removesuffix(' compiled').rsplit(' ', 1)[1]}"
+        rows.append([name, f"{timing.median * 1e3:.1f}", f"{flops[name] / 1e9:.2f}", f"{gflops(timings, flops, name):.0f}",
+                     f"{100 * gflops(timings, flops, name) / gflops(timings, flops, matmul):.0f}%"])
+    bench.print_table(["call", "ms", "GFLOP", "GFLOP/s", "of matmul at its precision"], rows)
 
 
-def report_targets(names, timings, images, memory, forward_timings, unet_flops, matmul_flops, device) -> None:
+def report_targets(names, timings, images, memory, forward_timings, flops, device) -> None:
     print("\ntargets" + (" (stated for the CPU)" if device.type != "cpu" else "") + ":")
     if "ours fp32" in timings and "diffusers fp32" in timings:
         relative = timings["ours fp32"].median / timings["diffusers fp32"].median
@@ -366,8 +381,11 @@ def report_targets(names, timings, images, memory, forward_timings, unet_flops, 
             relative = memory[name] / memory[name.replace("ours", "diffusers")]
             print(f"  {name} peak memory / diffusers': {relative:.2f}  {bench.verdict(relative, 1.0, at_least=False)}")
     if "ours U-Net fp32" in forward_timings:
-        share = (unet_flops / forward_timings["ours U-Net fp32"].median) / (matmul_flops / forward_timings["matmul 2048^3 fp32"].median)
+        share = gflops(forward_timings, flops, "ours U-Net fp32") / gflops(forward_timings, flops, "matmul 2048^3 fp32")
         print(f"  ours fp32 U-Net forward vs fp32 matmul: {100 * share:.0f}%  {bench.verdict(100 * share, 75)}")
+    if "ours U-Net fp32 compiled" in forward_timings:
+        share = gflops(forward_timings, flops, "ours U-Net fp32 compiled") / gflops(forward_timings, flops, "matmul 2048^3 fp32")
+        print(f"  ours fp32 compiled U-Net forward vs fp32 matmul: {100 * share:.0f}%  {bench.verdict(100 * share, 75)}")
     if device.type == "cpu":
         print("note: on a shared CPU these timings are noisy; rerun with more --repeats before drawing conclusions")
 

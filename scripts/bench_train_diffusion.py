@@ -1,9 +1,12 @@
 """U-Net training throughput: our UNet beside diffusers' UNet2DConditionModel, same weights, same batch.
 
 One step = draw noise and timesteps, noise the latents, predict ε with the text context, MSE,
-backward, AdamW step; bf16 means torch.autocast(bf16) around the forward, for both sides.
+backward, AdamW step; bf16 means torch.autocast(bf16) around the forward, for both sides. Each side
+steps the optimiser its own training code uses: ours `ldm train-diffusion`'s fused AdamW, diffusers'
+the default torch.optim.AdamW of its train_text_to_image.py example.
 Both models get identical weights (our state_dict loads strictly into diffusers) and are timed in
-the same run, interleaved. `--variants` adds our model in channels_last and with bf16 weights.
+the same run, interleaved. `--variants` adds ours with the default AdamW (the models alone compared),
+in channels_last, and with bf16 weights.
 
     python scripts/bench_train_diffusion.py                      # tiny U-Net, 8x8 latents, batch 64
     python scripts/bench_train_diffusion.py --preset small --repeats 3
@@ -54,12 +57,20 @@ class Case:
     precision: str  # fp32 | bf16 (torch.autocast around the forward)
     channels_last: bool = False  # model and inputs in NHWC
     bf16_weights: bool = False  # the model itself in bf16, no autocast ("pure bf16")
-    fused_adamw: bool = False  # torch.optim.AdamW(fused=True) instead of the default implementation
+    default_adamw: bool | None = None  # the default torch.optim.AdamW; None: diffusers' side only
+
+    def __post_init__(self) -> None:
+        if self.default_adamw is None:
+            self.default_adamw = self.side == "diffusers"
+
+    @property
+    def fused_adamw(self) -> bool:
+        return not self.default_adamw
 
     @property
     def name(self) -> str:
         options = [name for name, on in (("bf16-weights", self.bf16_weights), ("channels_last", self.channels_last),
-                                         ("fused-AdamW", self.fused_adamw)) if on]
+                                         ("default-AdamW", self.side == "ours" and self.default_adamw)) if on]
         return " ".join([self.side, "bf16" if self.bf16_weights else self.precision, *options])
 
 
@@ -109,7 +120,7 @@ def build_step(payload: Payload, case: Case, models: dict | None = None) -> Call
         model, forward, optimizer = models[key]
     else:
         model, forward = build_model(payload, case)
-        # DiffusionTrainer's optimizer: AdamW with torch's default implementation
+        # ours as DiffusionTrainer steps (fused AdamW); diffusers as its example training script (default AdamW)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=case.fused_adamw or None)
         if models is not None:
             models[key] = model, forward, optimizer
@@ -147,7 +158,7 @@ def select_cases(args: argparse.Namespace) -> list[Case]:
     cases = [Case(side, precision) for precision in chosen for side in ("ours", "diffusers")]
     if args.variants:
         cases += [Case("ours", precision, channels_last=True) for precision in chosen]
-        cases += [Case("ours", precision, fused_adamw=True) for precision in chosen]
+        cases += [Case("ours", precision, default_adamw=True) for precision in chosen]
         if "bf16" in chosen:
             cases += [Case("ours", "bf16", bf16_weights=True), Case("ours", "bf16", bf16_weights=True, channels_last=True)]
     return cases
@@ -160,7 +171,7 @@ def main() -> None:
                                resolution_help="latent side in cells (default: the preset's)")
     parser.add_argument("--context-length", type=int, default=None, help="text tokens per sample (default: the preset's)")
     parser.add_argument("--variants", action="store_true",
-                        help="also time ours with channels_last, with fused AdamW, with bf16 weights (no autocast; "
+                        help="also time ours with the default AdamW, with channels_last, with bf16 weights (no autocast; "
                              "a speed reference, not a training recipe), and with bf16 weights + channels_last")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the GPU's peak TFLOP/s for model-FLOPs utilisation (default 989: H100 SXM dense bf16)")
@@ -213,7 +224,8 @@ def main() -> None:
         headers.append(f"MFU@{args.peak_tflops:g}TF")
     bench.print_table(headers, rows)
     print(f"\none step = {flops / 1e9:.1f} GFLOP (FlopCounterMode, forward + backward); 'vs diffusers' = ours' "
-          "throughput / diffusers' at the same autocast precision (higher is faster); 'mem vs diffusers' = peak / theirs")
+          "throughput / diffusers' at the same autocast precision (higher is faster); 'mem vs diffusers' = peak / theirs;\n"
+          "optimiser: ours fused AdamW (as ldm train-diffusion), diffusers the default AdamW (as its train_text_to_image.py)")
     if memory:
         print(bench.memory_note(device))
 

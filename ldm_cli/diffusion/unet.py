@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -212,12 +212,26 @@ class ResnetBlock(nn.Module):
         return shortcut + h
 
 
+class TextKeysValues(NamedTuple):
+    """Every cross-attention layer's keys and values for one text context (`UNet.project_text`).
+
+    The text stays fixed while an image is sampled, so its projections need computing once, not at
+    every step: 4-6% of a `small` U-Net forward at CPU sizes (scripts/bench_sample.py). `UNet.forward`
+    takes this or the text embedding itself as `encoder_hidden_states`."""
+
+    layers: tuple[tuple[Tensor, Tensor], ...]  # (keys, values) [B, heads, L, d] per cross-attention layer
+
+
+Context = Union[Tensor, TextKeysValues]
+
+
 class Attention(nn.Module):
     """Multi-head attention; keys/values come from `context` (cross) or from `x` itself (self)."""
 
     def __init__(self, query_dim: int, context_dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
+        self.context_index = -1  # this layer's place in TextKeysValues.layers (set by UNet)
         self.to_q = nn.Linear(query_dim, query_dim, bias=False)
         self.to_k = nn.Linear(context_dim, query_dim, bias=False)
         self.to_v = nn.Linear(context_dim, query_dim, bias=False)
@@ -227,10 +241,15 @@ class Attention(nn.Module):
         batch, length, width = x.shape
         return x.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        context = x if context is None else context
+    def keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        return self._split_heads(self.to_k(context)), self._split_heads(self.to_v(context))
+
+    def forward(self, x: Tensor, context: Context | None = None) -> Tensor:
         q = self._split_heads(self.to_q(x))
-        k, v = self._split_heads(self.to_k(context)), self._split_heads(self.to_v(context))
+        if isinstance(context, TextKeysValues):
+            k, v = context.layers[self.context_index]
+        else:
+            k, v = self.keys_values(x if context is None else context)
         out = attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
         batch, _, length, _ = out.shape
         return self.to_out[0](out.transpose(1, 2).reshape(batch, length, -1))
@@ -270,7 +289,7 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Context) -> Tensor:
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
@@ -298,7 +317,7 @@ class SpatialTransformer(nn.Module):
         # the conv kernel's overhead and a layout copy (measured: scripts/bench_train_diffusion.py)
         return F.linear(tokens, projection.weight.flatten(1), projection.bias)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Context) -> Tensor:
         batch, channels, height, width = x.shape
         h = self.norm(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view when channels_last
         h = self._project(self.proj_in, h)
@@ -369,7 +388,7 @@ class DownBlock(nn.Module):
         )
         self.downsamplers = nn.ModuleList([Downsample(out_channels)] if downsample else [])
 
-    def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, x: Tensor, temb: Tensor, context: Context) -> tuple[Tensor, list[Tensor]]:
         """Returns the output and every intermediate the up path will concatenate back."""
         skips = []
         for j, resnet in enumerate(self.resnets):
@@ -392,7 +411,7 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList([spec.transformer(channels, heads, transformer_layers)])
         self.resnets = nn.ModuleList([spec.resnet(channels, channels) for _ in range(2)])
 
-    def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, temb: Tensor, context: Context) -> Tensor:
         x = _run(self.resnets[0], self.use_checkpoint, x, temb)
         for attention, resnet in zip(self.attentions, self.resnets[1:]):
             x = _run(resnet, self.use_checkpoint, attention(x, context), temb)
@@ -421,7 +440,7 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample(out_channels)] if upsample else [])
 
     def forward(
-        self, x: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor, upsample_size: tuple[int, int] | None
+        self, x: Tensor, skips: list[Tensor], temb: Tensor, context: Context, upsample_size: tuple[int, int] | None
     ) -> Tensor:
         """`skips` in the order they are consumed (most recent first)."""
         for j, (resnet, skip) in enumerate(zip(self.resnets, skips, strict=True)):
@@ -434,7 +453,8 @@ class UpBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps/v-prediction U-Net: forward(sample [B,C,H,W], timestep, encoder_hidden_states [B,L,D])."""
+    """eps/v-prediction U-Net: forward(sample [B,C,H,W], timestep, encoder_hidden_states [B,L,D] or the
+    `project_text` of it)."""
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -477,6 +497,8 @@ class UNet(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+        for index, layer in enumerate(self._cross_attentions()):
+            layer.context_index = index
 
     @property
     def downsample_factor(self) -> int:
@@ -485,7 +507,15 @@ class UNet(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, sample: Tensor, timestep: Tensor | float | int, encoder_hidden_states: Tensor) -> Tensor:
+    def _cross_attentions(self) -> list[Attention]:
+        return [module.attn2 for module in self.modules() if isinstance(module, TransformerBlock)]
+
+    def project_text(self, encoder_hidden_states: Tensor) -> TextKeysValues:
+        """The text's keys and values for every cross-attention layer, to pass as `encoder_hidden_states`
+        to many forwards with the same text (sampling); the outputs are the same as with the text itself."""
+        return TextKeysValues(tuple(layer.keys_values(encoder_hidden_states) for layer in self._cross_attentions()))
+
+    def forward(self, sample: Tensor, timestep: Tensor | float | int, encoder_hidden_states: Context) -> Tensor:
         timesteps = torch.as_tensor(timestep, device=sample.device)
         timesteps = timesteps.reshape(-1).expand(sample.shape[0])  # a scalar applies to the whole batch
         time_features = timestep_embedding(

@@ -11,11 +11,10 @@
 4. decode           latents → pixels with the autoencoder, in tiles above `tile_decode_above`
 5. to PIL           by the caller (commands.py), from the float images returned here
 
-Samplers that add fresh noise (ancestral, SDE, DDPM, DDIM with eta > 0) take one generator for the
-whole batch, so they run one image at a time, each with its own generator: image i's pixels then
-never depend on the batch. Deterministic samplers run whole batches; their images equal the
-batch-size-1 images up to float rounding (kernels sum in a batch-dependent order), which is why
-the metadata of a batched image names its batch and a replay recomputes that batch.
+Samplers that add fresh noise (ancestral, SDE, DDPM, DDIM with eta > 0) get one generator per
+image, the one its start noise came from, so image i's noise never depends on its batch. Batched
+images equal the batch-size-1 images up to float rounding (kernels sum in a batch-dependent order),
+which is why the metadata of a batched image names its batch and a replay recomputes that batch.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ldm_cli.autoencoder.model import tiled_decode
 from ldm_cli.diffusion.load import LatentDiffusion
+from ldm_cli.diffusion.unet import TextKeysValues
 from ldm_cli.errors import ConfigError, UsageError
 from ldm_cli.sampling.compile import compile_for_inference
 from ldm_cli.sampling.denoiser import Denoiser, get_sigmas
@@ -95,11 +95,6 @@ class SamplingSettings:
         if self.timestep_spacing not in ("leading", "trailing", "linspace"):
             raise ConfigError(f"timestep_spacing must be leading, trailing or linspace, got {self.timestep_spacing!r}")
 
-    def draws_noise(self) -> bool:
-        """Whether the sampler adds fresh noise on the way (then images run one at a time)."""
-        eta = self.effective_eta()
-        return self.sampler == "ddpm" or (eta is not None and eta > 0)
-
 
 def check_image_size(height: int, width: int, model: LatentDiffusion, what: str = "--height/--width") -> None:
     """Sides must be multiples of the autoencoder's factor, and big enough for every U-Net level."""
@@ -136,9 +131,9 @@ class ImageJob:
     init: Optional[InitLatent] = None
 
 
-def plan_batches(jobs: Sequence[ImageJob], batch_size: int, one_at_a_time: bool = False) -> list[list[ImageJob]]:
-    """Consecutive jobs with the same init (hence size), at most `batch_size` (1 if `one_at_a_time`) each."""
-    size = 1 if one_at_a_time else max(1, batch_size)
+def plan_batches(jobs: Sequence[ImageJob], batch_size: int) -> list[list[ImageJob]]:
+    """Consecutive jobs with the same init (hence size), at most `batch_size` each."""
+    size = max(1, batch_size)
     batches: list[list[ImageJob]] = []
     for job in jobs:
         if batches and len(batches[-1]) < size and _init_key(batches[-1][0]) == _init_key(job):
@@ -208,13 +203,18 @@ class SamplingPipeline:
     def _vae_autocast(self) -> contextlib.AbstractContextManager:
         return autocast("bf16" if self.precision == "bf16" else "fp32", self.device)
 
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, text: TextKeysValues) -> torch.Tensor:
         x = x.to(self.unet_dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            output = self._unet_forward(x, t, encoder_hidden_states.to(self.unet_dtype))
+            output = self._unet_forward(x, t, text)
         return output.float()  # the sampler's state stays float32
+
+    def _project_text(self, context: torch.Tensor) -> TextKeysValues:
+        """The cross-attention keys and values of `context`, once for all the steps of a sampling run."""
+        with self._autocast():
+            return self.model.unet.project_text(context.to(self.unet_dtype))
 
     # 1. encode prompts --------------------------------------------------------------------------
 
@@ -261,11 +261,12 @@ class SamplingPipeline:
         same coefficients in both branches.
         """
         if guidance_scale == 1.0:
-            return lambda x, sigma: self.denoiser(x, sigma, encoder_hidden_states=context)
-        both_context = torch.cat([uncond.expand_as(context), context])
+            text = self._project_text(context)
+            return lambda x, sigma: self.denoiser(x, sigma, text=text)
+        both_text = self._project_text(torch.cat([uncond.expand_as(context), context]))
 
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            uncond_x0, cond_x0 = self.denoiser(torch.cat([x, x]), sigma, encoder_hidden_states=both_context).chunk(2)
+            uncond_x0, cond_x0 = self.denoiser(torch.cat([x, x]), sigma, text=both_text).chunk(2)
             return uncond_x0 + guidance_scale * (cond_x0 - uncond_x0)
 
         return denoise
@@ -306,26 +307,17 @@ class SamplingPipeline:
         sigmas = self.sigmas(settings)
         x, generators = self.prepare_latents(jobs, settings, sigmas)
         walk = sigmas[settings.start_index():]
-        if settings.draws_noise():
-            latents = []
-            for i, generator in enumerate(generators):
-                denoise = self.guided_denoiser(context[i : i + 1], uncond, settings.guidance_scale)
-                latents.append(sample(settings.sampler, denoise, x[i : i + 1], walk, generator=generator,
-                                      callback=callback, **settings.sampler_options()))
-            x = torch.cat(latents)
-        else:
-            denoise = self.guided_denoiser(context, uncond, settings.guidance_scale)
-            x = sample(settings.sampler, denoise, x, walk, callback=callback, **settings.sampler_options())
+        denoise = self.guided_denoiser(context, uncond, settings.guidance_scale)
+        x = sample(settings.sampler, denoise, x, walk, generator=generators, callback=callback, **settings.sampler_options())
         return self.decode(x)
 
     def generate(
         self, jobs: Sequence[ImageJob], settings: SamplingSettings, batch_size: int = 1, progress: bool = True
     ) -> Iterator[tuple[list[ImageJob], torch.Tensor]]:
         """Run `jobs` in batches (see `plan_batches`), yielding (batch jobs, images) as each finishes."""
-        batches = plan_batches(jobs, batch_size, one_at_a_time=settings.draws_noise())
-        runs = len(jobs) if settings.draws_noise() else len(batches)
+        batches = plan_batches(jobs, batch_size)
         steps_per_run = len(self.sigmas(settings)) - 1 - settings.start_index()
-        bar = tqdm(total=runs * steps_per_run, unit="step", desc="sampling", disable=None if progress else True)
+        bar = tqdm(total=len(batches) * steps_per_run, unit="step", desc="sampling", disable=None if progress else True)
         done = 0
         try:
             for batch in batches:

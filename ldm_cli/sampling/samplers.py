@@ -2,15 +2,16 @@
 
 Every sampler is `sampler(denoise, x, sigmas, *, generator=None, callback=None, **options) -> x` where
 `denoise(x, sigma) -> x0_hat` (see `denoiser.py`), `sigmas` descends to 0 and x starts as noise · sigmas[0]
-(img2img: x_0 + noise · sigmas[k] with the slice sigmas[k:]). Randomness comes only from `generator`;
-`callback(step, total)` is called after each step with step = 1 … total.
+(img2img: x_0 + noise · sigmas[k] with the slice sigmas[k:]). Randomness comes only from `generator`:
+one for the whole batch, or one per image (a list), so that each image's noise is its own stream whatever
+its batch. `callback(step, total)` is called after each step with step = 1 … total.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -18,7 +19,7 @@ from ldm_cli.errors import ConfigError
 
 Denoise = Callable[[torch.Tensor, float], torch.Tensor]
 Sigmas = torch.Tensor | list[float]
-Generator = torch.Generator | None
+Generator = torch.Generator | Sequence[torch.Generator] | None
 Callback = Callable[[int, int], None] | None
 
 
@@ -41,6 +42,10 @@ def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> 
 
 def _noise(x: torch.Tensor, generator: Generator) -> torch.Tensor:
     # drawn on the generator's device then moved: a CPU generator gives the same picture on any device
+    if isinstance(generator, Sequence):  # one per image: row i comes from generator i alone
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.cat([_noise(row, one) for row, one in zip(x.split(1), generator)])
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm_cli.diffusion.unet import UNet, UNetConfig, timestep_embedding
+from ldm_cli.diffusion.unet import SpatialTransformer, UNet, UNetConfig, timestep_embedding
 from ldm_cli.errors import ConfigError
 
 diffusers = pytest.importorskip("diffusers")
@@ -97,6 +97,26 @@ def test_timestep_may_be_a_scalar_or_one_per_sample() -> None:
         different = model(sample, torch.tensor([500, 20]), context)
     torch.testing.assert_close(different[0], per_sample[0], atol=0, rtol=0)
     assert not torch.allclose(different[1], per_sample[1])
+
+
+@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
+def test_projected_text_gives_the_same_output_as_the_text(case: str) -> None:
+    config = REFERENCE_CASES[case]
+    torch.manual_seed(0)
+    model = UNet(config).eval()
+    generator = torch.Generator().manual_seed(2)
+    sample, context = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 7, config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        text = model.project_text(context)
+        layers = sum(len(block.transformer_blocks) for block in model.modules() if isinstance(block, SpatialTransformer))
+        assert len(text.layers) == layers > 0
+        keys, values = text.layers[0]
+        assert keys.shape[-2] == values.shape[-2] == 7  # [B, heads, L, d]: one key and value per text token
+        expected = model(sample, torch.tensor([3, 700]), context)
+        torch.testing.assert_close(model(sample, torch.tensor([3, 700]), text), expected, atol=0, rtol=0)
+        # and the projections really are used: other text, other output
+        other = model.project_text(context.flip(1))
+        assert not torch.allclose(model(sample, torch.tensor([3, 700]), other), expected)
 
 
 def test_our_weights_load_into_diffusers_strictly() -> None:

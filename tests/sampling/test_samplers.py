@@ -319,6 +319,27 @@ def test_seeded_generator_makes_sampling_reproducible(name):
     assert not torch.allclose(run(7), run(8))
 
 
+@pytest.mark.parametrize("name", list(STOCHASTIC))
+def test_one_generator_per_image_makes_a_batch_equal_its_images_alone(name):
+    schedule = NoiseSchedule(ScheduleConfig())
+    denoiser, sigmas = Denoiser(model_fn, schedule), get_sigmas(schedule, 6, "karras")
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    seeds = (5, 6, 7)
+
+    def generators():
+        return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    batch = SAMPLERS[name](denoiser, x, sigmas, generator=generators(), **STOCHASTIC[name])
+    for i, generator in enumerate(generators()):  # model_fn is row-wise, so equality is exact
+        alone = SAMPLERS[name](denoiser, x[i : i + 1], sigmas, generator=generator, **STOCHASTIC[name])
+        assert torch.equal(batch[i : i + 1], alone)
+    # one generator shared by the batch draws other noise: the per-image streams make the rows equal
+    shared = SAMPLERS[name](denoiser, x, sigmas, generator=torch.Generator().manual_seed(5), **STOCHASTIC[name])
+    assert not torch.allclose(shared[1], batch[1])
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        SAMPLERS[name](denoiser, x, sigmas, generator=generators()[:2], **STOCHASTIC[name])
+
+
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_callback_reports_each_step_and_sigmas_may_start_midway(name):
     schedule = NoiseSchedule(ScheduleConfig())
