@@ -2,11 +2,11 @@
 
 One step = draw noise and timesteps, noise the latents, predict ε with the text context, MSE,
 backward, AdamW step; bf16 means torch.autocast(bf16) around the forward, for both sides. Each side
-steps the optimiser its own training code uses: ours `ldm train-diffusion`'s fused AdamW, diffusers'
-the default torch.optim.AdamW of its train_text_to_image.py example.
-Both models get identical weights (our state_dict loads strictly into diffusers) and are timed in
-the same run, interleaved. `--variants` adds ours with the default AdamW (the models alone compared),
-in channels_last, and with bf16 weights.
+trains as its own training code does: ours as `ldm train-diffusion` (fused AdamW, the memory format of
+the preset's configs/train file), diffusers as its train_text_to_image.py example (default
+torch.optim.AdamW, NCHW). Both models get identical weights (our state_dict loads strictly into
+diffusers) and are timed in the same run, interleaved. `--variants` adds ours in the other memory
+format, with the default AdamW (then only the models differ), and with bf16 weights.
 
     python scripts/bench_train_diffusion.py                      # tiny U-Net, 8x8 latents, batch 64
     python scripts/bench_train_diffusion.py --preset small --repeats 3
@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bench  # noqa: E402
 
-from ldm_cli.config import from_dict  # noqa: E402
+from ldm_cli.config import TrainConfig, from_dict  # noqa: E402
 from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig  # noqa: E402
 from ldm_cli.diffusion.unet import UNet, UNetConfig  # noqa: E402
 from ldm_cli.training.precision import autocast  # noqa: E402
@@ -37,6 +37,7 @@ from ldm_cli.training.precision import autocast  # noqa: E402
 @dataclass
 class Preset:
     unet: str  # configs/unet/<name>.yaml
+    train: str  # configs/train/<name>.yaml: the memory format `ldm train-diffusion` trains this U-Net in
     latent_size: int
     batch_size: int
     context_length: int
@@ -45,9 +46,10 @@ class Preset:
 
 
 PRESETS = {
-    "tiny": Preset("tiny", 8, 64, 32, 5, "configs/unet/tiny.yaml (~4.6M params), 8x8 latents, batch 64"),
-    "small": Preset("small", 32, 16, 32, 3, "configs/unet/small.yaml (~41M params), 32x32 latents (its sample_size), batch 16"),
-    "sd15": Preset("sd15", 64, 1, 77, 5, "SD-1.5 U-Net (860M params), 64x64 latents, batch 1; GPU only"),
+    "tiny": Preset("tiny", "diffusion_tiny", 8, 64, 32, 5, "configs/unet/tiny.yaml (~4.6M params), 8x8 latents, batch 64"),
+    "small": Preset("small", "diffusion", 32, 16, 32, 3,
+                    "configs/unet/small.yaml (~41M params), 32x32 latents (its sample_size), batch 16"),
+    "sd15": Preset("sd15", "diffusion", 64, 1, 77, 5, "SD-1.5 U-Net (860M params), 64x64 latents, batch 1; GPU only"),
 }
 
 
@@ -57,21 +59,12 @@ class Case:
     precision: str  # fp32 | bf16 (torch.autocast around the forward)
     channels_last: bool = False  # model and inputs in NHWC
     bf16_weights: bool = False  # the model itself in bf16, no autocast ("pure bf16")
-    default_adamw: bool | None = None  # the default torch.optim.AdamW; None: diffusers' side only
-
-    def __post_init__(self) -> None:
-        if self.default_adamw is None:
-            self.default_adamw = self.side == "diffusers"
-
-    @property
-    def fused_adamw(self) -> bool:
-        return not self.default_adamw
+    fused_adamw: bool = False  # torch.optim.AdamW(fused=True), as `ldm train-diffusion`
+    variant: str = ""  # how the case differs from the side's own training setup, for its name
 
     @property
     def name(self) -> str:
-        options = [name for name, on in (("bf16-weights", self.bf16_weights), ("channels_last", self.channels_last),
-                                         ("default-AdamW", self.side == "ours" and self.default_adamw)) if on]
-        return " ".join([self.side, "bf16" if self.bf16_weights else self.precision, *options])
+        return " ".join([self.side, "bf16" if self.bf16_weights else self.precision, *([self.variant] if self.variant else [])])
 
 
 @dataclass
@@ -153,14 +146,21 @@ def build_case(payload: Payload, name: str) -> Callable[[], torch.Tensor]:
     return build_step(payload, payload.cases[name])
 
 
-def select_cases(args: argparse.Namespace) -> list[Case]:
+def select_cases(args: argparse.Namespace, trainer_channels_last: bool) -> list[Case]:
+    """ours as `ldm train-diffusion` trains (fused AdamW, the train config's memory format); diffusers as its
+    example script (default AdamW, NCHW); `--variants` flips one of ours' settings at a time."""
     chosen = bench.precisions(args.precision)
-    cases = [Case(side, precision) for precision in chosen for side in ("ours", "diffusers")]
+    ours = dict(channels_last=trainer_channels_last, fused_adamw=True)
+    other_format = dict(channels_last=not trainer_channels_last,
+                        variant="NCHW" if trainer_channels_last else "channels_last")
+    cases = [case for precision in chosen for case in (Case("ours", precision, **ours), Case("diffusers", precision))]
     if args.variants:
-        cases += [Case("ours", precision, channels_last=True) for precision in chosen]
-        cases += [Case("ours", precision, default_adamw=True) for precision in chosen]
+        cases += [Case("ours", precision, **{**ours, **other_format}) for precision in chosen]
+        cases += [Case("ours", precision, **{**ours, "fused_adamw": False, "variant": "default-AdamW"}) for precision in chosen]
         if "bf16" in chosen:
-            cases += [Case("ours", "bf16", bf16_weights=True), Case("ours", "bf16", bf16_weights=True, channels_last=True)]
+            cases += [Case("ours", "bf16", **{**ours, "bf16_weights": True, "variant": "bf16-weights"}),
+                      Case("ours", "bf16", **{**ours, **other_format, "bf16_weights": True,
+                                              "variant": f"bf16-weights {other_format['variant']}"})]
     return cases
 
 
@@ -171,8 +171,8 @@ def main() -> None:
                                resolution_help="latent side in cells (default: the preset's)")
     parser.add_argument("--context-length", type=int, default=None, help="text tokens per sample (default: the preset's)")
     parser.add_argument("--variants", action="store_true",
-                        help="also time ours with the default AdamW, with channels_last, with bf16 weights (no autocast; "
-                             "a speed reference, not a training recipe), and with bf16 weights + channels_last")
+                        help="also time ours in the other memory format, with the default AdamW, and with bf16 weights (no "
+                             "autocast; a speed reference, not a training recipe) in both memory formats")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the GPU's peak TFLOP/s for model-FLOPs utilisation (default 989: H100 SXM dense bf16)")
     args = parser.parse_args()
@@ -181,6 +181,7 @@ def main() -> None:
     if device.type == "cpu" and args.preset == "sd15":
         print("warning: the sd15 preset on the CPU takes minutes per step\n")
 
+    trainer_channels_last = bench.load_yaml("train", preset.train, TrainConfig).channels_last
     payload = Payload(
         unet_config=OmegaConf.to_container(OmegaConf.structured(bench.load_yaml("unet", preset.unet, UNetConfig))),
         latent_size=args.resolution or preset.latent_size,
@@ -188,7 +189,7 @@ def main() -> None:
         context_length=args.context_length or preset.context_length,
         seed=args.seed,
         device=str(device),
-        cases={case.name: case for case in select_cases(args)},
+        cases={case.name: case for case in select_cases(args, trainer_channels_last)},
     )
     repeats = args.repeats or preset.repeats
     models: dict = {}
@@ -225,7 +226,8 @@ def main() -> None:
     bench.print_table(headers, rows)
     print(f"\none step = {flops / 1e9:.1f} GFLOP (FlopCounterMode, forward + backward); 'vs diffusers' = ours' "
           "throughput / diffusers' at the same autocast precision (higher is faster); 'mem vs diffusers' = peak / theirs;\n"
-          "optimiser: ours fused AdamW (as ldm train-diffusion), diffusers the default AdamW (as its train_text_to_image.py)")
+          f"ours trains as ldm train-diffusion (fused AdamW, {'channels_last' if trainer_channels_last else 'NCHW'} as "
+          f"train/{preset.train}.yaml), diffusers as its train_text_to_image.py (default AdamW, NCHW)")
     if memory:
         print(bench.memory_note(device))
 

@@ -97,11 +97,7 @@ class AutoencoderTrainer:
 
     def eval_model(self) -> AutoencoderKL:
         """The weights to evaluate and ship: EMA when enabled."""
-        if self.ema is None:
-            return self.model
-        model = AutoencoderKL(self.config.autoencoder).to(self.device)
-        model.load_state_dict(self.ema.weights_for(self.model))
-        return model
+        return self.model if self.ema is None else self.ema.averaged(self.model)
 
     def _holdout_batches(self):
         count = min(len(self.holdout), self.config.train.eval_batches * self.config.train.batch_size)

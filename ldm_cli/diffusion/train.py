@@ -137,11 +137,8 @@ class DiffusionTrainer:
         return {"loss": total, **{k: float(v) for k, v in logs.items()}, "lr": self.lr_schedule.get_last_lr()[0]}
 
     def eval_unet(self) -> UNet:
-        if self.ema is None:
-            return self.unet
-        unet = UNet(self.config.unet).to(self.device)
-        unet.load_state_dict(self.ema.weights_for(self.unet))
-        return unet
+        """The weights to evaluate and ship: EMA when enabled."""
+        return self.unet if self.ema is None else self.ema.averaged(self.unet)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
@@ -170,10 +167,12 @@ class DiffusionTrainer:
         context = self.conditioning.encode(prompts).to(self.device)
         uncond = self.conditioning.uncond.expand_as(context)
         scale = objective.validation_guidance_scale
+        with autocast(self.precision, self.device):
+            text = unet.project_text(torch.cat([uncond, context]))  # once for all steps
 
         def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with autocast(self.precision, self.device):
-                both = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, context])).float()
+                both = unet(torch.cat([x, x]), torch.cat([t, t]), text).float()
             unconditional, conditional = both.chunk(2)
             return unconditional + scale * (conditional - unconditional)
 

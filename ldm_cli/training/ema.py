@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+from typing import TypeVar
+
 import torch
 from torch import nn
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 class EMA:
@@ -41,3 +46,9 @@ class EMA:
         for name, value in self.shadow.items():
             state[name] = value.to(state[name].dtype)
         return state
+
+    def averaged(self, model: ModuleT) -> ModuleT:
+        """A copy of `model` holding the EMA weights (to evaluate and ship); `model` is left as it is."""
+        averaged = copy.deepcopy(model)
+        averaged.load_state_dict(self.weights_for(model))
+        return averaged

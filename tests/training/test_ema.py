@@ -17,3 +17,20 @@ def test_ema_warm_up_and_closed_form():
     restored = EMA(model, decay=0.9)
     restored.load_state_dict(ema.state_dict())
     assert restored.updates == 30 and torch.equal(restored.shadow["weight"], ema.shadow["weight"])
+
+
+def test_averaged_copy_holds_the_ema_weights_and_leaves_the_model_alone():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(model, decay=0.5)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    ema.update(model)
+    trained = {name: value.clone() for name, value in model.state_dict().items()}
+    averaged = ema.averaged(model)
+    assert averaged is not model and type(averaged) is type(model)
+    for name, value in averaged.named_parameters():
+        assert torch.equal(value, ema.shadow[name])
+        assert not torch.equal(value, trained[name])  # the average lags the trained weights
+    assert torch.equal(averaged.state_dict()["1.running_var"], trained["1.running_var"])  # buffers as trained
+    assert all(torch.equal(value, trained[name]) for name, value in model.state_dict().items())
