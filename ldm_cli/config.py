@@ -42,6 +42,9 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: Optional[float] = None
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA, with a grad scaler)
+    # train-diffusion, when the precision is bf16: the U-Net itself in bf16 with float32 master weights
+    # (training/master_weights.py) instead of autocast
+    bf16_weights: bool = False
     channels_last: bool = True
     ema_decay: Optional[float] = None  # e.g. 0.9999; None disables EMA
     seed: int = 0
@@ -218,6 +221,8 @@ def validate(config: Any) -> None:
         _check(train.keep_last > 0, "train.keep_last", "a positive integer", train.keep_last)
         _check(train.ema_decay is None or 0 < train.ema_decay < 1, "train.ema_decay", "null or a number in (0, 1)", train.ema_decay)
         _check(len(train.adam_betas) == 2, "train.adam_betas", "two numbers", train.adam_betas)
+        _check(not train.bf16_weights or train.precision in ("auto", "bf16"), "train.bf16_weights",
+               "false unless train.precision is bf16 or auto", train.bf16_weights)
     data = getattr(config, "data", None)
     if data is not None:
         _check(data.resolution > 0, "data.resolution", "a positive integer", data.resolution)

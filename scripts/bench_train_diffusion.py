@@ -1,12 +1,12 @@
 """U-Net training throughput: our UNet beside diffusers' UNet2DConditionModel, same weights, same batch.
 
 One step = draw noise and timesteps, noise the latents, predict ε with the text context, MSE,
-backward, AdamW step; bf16 means torch.autocast(bf16) around the forward, for both sides. Each side
-trains as its own training code does: ours as `ldm train-diffusion` (fused AdamW, the memory format of
-the preset's configs/train file), diffusers as its train_text_to_image.py example (default
-torch.optim.AdamW, NCHW). Both models get identical weights (our state_dict loads strictly into
-diffusers) and are timed in the same run, interleaved. `--variants` adds ours in the other memory
-format, with the default AdamW (then only the models differ), and with bf16 weights.
+backward, AdamW step, at fp32 or bf16 mixed precision. Each side
+trains as its own training code does: ours as `ldm train-diffusion` (fused AdamW; the memory format
+and, at bf16, autocast or bf16 weights + float32 masters as the preset's configs/train file says),
+diffusers as its train_text_to_image.py example (default torch.optim.AdamW, NCHW, autocast). Both
+models get identical weights (our state_dict loads strictly into diffusers) and are timed in the
+same run, interleaved. `--variants` flips one of ours' settings at a time.
 
     python scripts/bench_train_diffusion.py                      # tiny U-Net, 8x8 latents, batch 64
     python scripts/bench_train_diffusion.py --preset small --repeats 3
@@ -31,6 +31,7 @@ import _bench_common as bench  # noqa: E402
 from ldm_cli.config import TrainConfig, from_dict  # noqa: E402
 from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig  # noqa: E402
 from ldm_cli.diffusion.unet import UNet, UNetConfig  # noqa: E402
+from ldm_cli.training.master_weights import MasterWeights  # noqa: E402
 from ldm_cli.training.precision import autocast  # noqa: E402
 
 
@@ -58,13 +59,13 @@ class Case:
     side: str  # "ours" | "diffusers"
     precision: str  # fp32 | bf16 (torch.autocast around the forward)
     channels_last: bool = False  # model and inputs in NHWC
-    bf16_weights: bool = False  # the model itself in bf16, no autocast ("pure bf16")
+    bf16_weights: bool = False  # the model in bf16 with float32 master weights, no autocast (train.bf16_weights)
     fused_adamw: bool = False  # torch.optim.AdamW(fused=True), as `ldm train-diffusion`
     variant: str = ""  # how the case differs from the side's own training setup, for its name
 
     @property
     def name(self) -> str:
-        return " ".join([self.side, "bf16" if self.bf16_weights else self.precision, *([self.variant] if self.variant else [])])
+        return " ".join([self.side, self.precision, *([self.variant] if self.variant else [])])
 
 
 @dataclass
@@ -100,8 +101,6 @@ def build_model(payload: Payload, case: Case) -> tuple[torch.nn.Module, Callable
 
     memory_format = torch.channels_last if case.channels_last else torch.contiguous_format
     model.to(device=payload.device, memory_format=memory_format).train()
-    if case.bf16_weights:
-        model.to(dtype=torch.bfloat16)
     return model, forward
 
 
@@ -110,13 +109,15 @@ def build_step(payload: Payload, case: Case, models: dict | None = None) -> Call
     device = torch.device(payload.device)
     key = (case.side, case.bf16_weights, case.channels_last, case.fused_adamw)
     if models is not None and key in models:
-        model, forward, optimizer = models[key]
+        model, forward, optimizer, master = models[key]
     else:
         model, forward = build_model(payload, case)
+        master = MasterWeights(model) if case.bf16_weights else None  # casts the model to bf16
         # ours as DiffusionTrainer steps (fused AdamW); diffusers as its example training script (default AdamW)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=case.fused_adamw or None)
+        parameters = master.parameters if master else model.parameters()
+        optimizer = torch.optim.AdamW(parameters, lr=1e-4, fused=case.fused_adamw or None)
         if models is not None:
-            models[key] = model, forward, optimizer
+            models[key] = model, forward, optimizer, master
     config = from_dict(payload.unet_config, UNetConfig)
     schedule = NoiseSchedule(ScheduleConfig()).to(device)
     generator = torch.Generator().manual_seed(payload.seed + 1)
@@ -135,8 +136,12 @@ def build_step(payload: Payload, case: Case, models: dict | None = None) -> Call
             prediction = forward(x_t, timesteps, context.to(input_dtype))
         loss = F.mse_loss(prediction.float(), noise)
         loss.backward()
+        if master:
+            master.gradients_to_master()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if master:
+            master.copy_to_model()
         return loss
 
     return step
@@ -146,21 +151,25 @@ def build_case(payload: Payload, name: str) -> Callable[[], torch.Tensor]:
     return build_step(payload, payload.cases[name])
 
 
-def select_cases(args: argparse.Namespace, trainer_channels_last: bool) -> list[Case]:
-    """ours as `ldm train-diffusion` trains (fused AdamW, the train config's memory format); diffusers as its
-    example script (default AdamW, NCHW); `--variants` flips one of ours' settings at a time."""
+def select_cases(args: argparse.Namespace, trainer: TrainConfig) -> list[Case]:
+    """ours as `ldm train-diffusion` trains with `trainer` (fused AdamW, its memory format, its bf16_weights at
+    bf16); diffusers as its example script (default AdamW, NCHW, autocast); `--variants` flips one of ours'
+    settings at a time."""
     chosen = bench.precisions(args.precision)
-    ours = dict(channels_last=trainer_channels_last, fused_adamw=True)
-    other_format = dict(channels_last=not trainer_channels_last,
-                        variant="NCHW" if trainer_channels_last else "channels_last")
-    cases = [case for precision in chosen for case in (Case("ours", precision, **ours), Case("diffusers", precision))]
+
+    def ours(precision: str, **changes) -> Case:
+        settings = dict(channels_last=trainer.channels_last, fused_adamw=True,
+                        bf16_weights=precision == "bf16" and trainer.bf16_weights)
+        return Case("ours", precision, **{**settings, **changes})
+
+    cases = [case for precision in chosen for case in (ours(precision), Case("diffusers", precision))]
     if args.variants:
-        cases += [Case("ours", precision, **{**ours, **other_format}) for precision in chosen]
-        cases += [Case("ours", precision, **{**ours, "fused_adamw": False, "variant": "default-AdamW"}) for precision in chosen]
+        other_format = "NCHW" if trainer.channels_last else "channels_last"
+        cases += [ours(precision, channels_last=not trainer.channels_last, variant=other_format) for precision in chosen]
+        cases += [ours(precision, fused_adamw=False, variant="default-AdamW") for precision in chosen]
         if "bf16" in chosen:
-            cases += [Case("ours", "bf16", **{**ours, "bf16_weights": True, "variant": "bf16-weights"}),
-                      Case("ours", "bf16", **{**ours, **other_format, "bf16_weights": True,
-                                              "variant": f"bf16-weights {other_format['variant']}"})]
+            cases.append(ours("bf16", bf16_weights=not trainer.bf16_weights,
+                              variant="autocast" if trainer.bf16_weights else "bf16-weights"))
     return cases
 
 
@@ -171,8 +180,8 @@ def main() -> None:
                                resolution_help="latent side in cells (default: the preset's)")
     parser.add_argument("--context-length", type=int, default=None, help="text tokens per sample (default: the preset's)")
     parser.add_argument("--variants", action="store_true",
-                        help="also time ours in the other memory format, with the default AdamW, and with bf16 weights (no "
-                             "autocast; a speed reference, not a training recipe) in both memory formats")
+                        help="also time ours in the other memory format, with the default AdamW, and at bf16 with "
+                             "the other of autocast / bf16 weights + float32 masters (train.bf16_weights)")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the GPU's peak TFLOP/s for model-FLOPs utilisation (default 989: H100 SXM dense bf16)")
     args = parser.parse_args()
@@ -181,7 +190,7 @@ def main() -> None:
     if device.type == "cpu" and args.preset == "sd15":
         print("warning: the sd15 preset on the CPU takes minutes per step\n")
 
-    trainer_channels_last = bench.load_yaml("train", preset.train, TrainConfig).channels_last
+    trainer = bench.load_yaml("train", preset.train, TrainConfig)
     payload = Payload(
         unet_config=OmegaConf.to_container(OmegaConf.structured(bench.load_yaml("unet", preset.unet, UNetConfig))),
         latent_size=args.resolution or preset.latent_size,
@@ -189,7 +198,7 @@ def main() -> None:
         context_length=args.context_length or preset.context_length,
         seed=args.seed,
         device=str(device),
-        cases={case.name: case for case in select_cases(args, trainer_channels_last)},
+        cases={case.name: case for case in select_cases(args, trainer)},
     )
     repeats = args.repeats or preset.repeats
     models: dict = {}
@@ -225,9 +234,11 @@ def main() -> None:
         headers.append(f"MFU@{args.peak_tflops:g}TF")
     bench.print_table(headers, rows)
     print(f"\none step = {flops / 1e9:.1f} GFLOP (FlopCounterMode, forward + backward); 'vs diffusers' = ours' "
-          "throughput / diffusers' at the same autocast precision (higher is faster); 'mem vs diffusers' = peak / theirs;\n"
-          f"ours trains as ldm train-diffusion (fused AdamW, {'channels_last' if trainer_channels_last else 'NCHW'} as "
-          f"train/{preset.train}.yaml), diffusers as its train_text_to_image.py (default AdamW, NCHW)")
+          "throughput / diffusers' at the same precision (higher is faster); 'mem vs diffusers' = peak / theirs;\n"
+          f"ours trains as ldm train-diffusion with train/{preset.train}.yaml (fused AdamW, "
+          f"{'channels_last' if trainer.channels_last else 'NCHW'}, bf16 as "
+          f"{'bf16 weights + float32 masters' if trainer.bf16_weights else 'autocast'}), diffusers as its "
+          "train_text_to_image.py (default AdamW, NCHW, autocast)")
     if memory:
         print(bench.memory_note(device))
 

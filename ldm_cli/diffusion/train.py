@@ -28,6 +28,7 @@ from ldm_cli.sampling.samplers import sample_ddim
 from ldm_cli.training.distributed import DistInfo, barrier, device_for, init_distributed
 from ldm_cli.training.ema import EMA
 from ldm_cli.training.loop import train_loop
+from ldm_cli.training.master_weights import MasterWeights
 from ldm_cli.training.precision import autocast, grad_scaler, resolve_device, resolve_precision
 from ldm_cli.training.run_dir import open_run
 
@@ -77,16 +78,24 @@ class DiffusionTrainer:
         if init_weights is not None:
             self.unet.load_state_dict(init_weights)
         self.unet.to(device, memory_format=self.memory_format)
+        # bf16 weights: the optimiser and EMA see float32 masters, and the forward runs without autocast
+        self.master = MasterWeights(self.unet) if train.bf16_weights and self.precision == "bf16" else None
+        self.input_dtype = torch.bfloat16 if self.master else torch.float32
+        self.autocast_precision = "fp32" if self.master else self.precision
         self.model = DistributedDataParallel(self.unet) if dist.enabled else self.unet
         # fused: one kernel over all tensors, not a Python loop (small U-Net optimiser step 87 -> 30 ms on CPU)
         self.optimizer = torch.optim.AdamW(
-            self.unet.parameters(), lr=train.lr, betas=tuple(train.adam_betas), weight_decay=train.weight_decay, fused=True
+            self._parameters(), lr=train.lr, betas=tuple(train.adam_betas), weight_decay=train.weight_decay, fused=True
         )
         warmup = max(train.warmup_steps, 1)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
         self.scaler = grad_scaler(self.precision, device)
-        self.ema = EMA(self.unet, train.ema_decay) if train.ema_decay else None
+        self.ema = EMA(self.master or self.unet, train.ema_decay) if train.ema_decay else None
         self.latent_scale, self.latent_shift = data.latent_scale, data.latent_shift
+
+    def _parameters(self) -> list[torch.Tensor]:
+        """What the optimiser updates: the U-Net's parameters, or their float32 masters."""
+        return self.master.parameters if self.master else list(self.unet.parameters())
 
     def _draws(self, batch: dict[str, Any], step: int, micro: int) -> tuple[torch.Tensor, ...]:
         """This process's slice of the global batch's random draws for (step, micro-batch)."""
@@ -106,9 +115,9 @@ class DiffusionTrainer:
         mean, logvar = batch["mean"].to(self.device), batch["logvar"].to(self.device)
         x0 = (mean + torch.exp(0.5 * logvar) * posterior_noise - self.latent_shift) * self.latent_scale
         noise = noise + self.config.objective.offset_noise * offset  # offset noise (Guttenberg 2023)
-        x_t = self.schedule.add_noise(x0, noise, timesteps).contiguous(memory_format=self.memory_format)
-        context = self.conditioning(batch, keep)
-        with autocast(self.precision, self.device):
+        x_t = self.schedule.add_noise(x0, noise, timesteps).to(self.input_dtype).contiguous(memory_format=self.memory_format)
+        context = self.conditioning(batch, keep).to(self.input_dtype)
+        with autocast(self.autocast_precision, self.device):
             prediction = model(x_t, timesteps, context)
         target = self.schedule.target(x0, noise, timesteps)
         return diffusion_loss(prediction.float(), target, timesteps, self.schedule, self.config.objective.min_snr_gamma)
@@ -119,26 +128,38 @@ class DiffusionTrainer:
         for micro, batch in enumerate(micro_batches):
             loss = self._loss(self.model, batch, self._draws(batch, step, micro)) / len(micro_batches)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
+            if self.master:
+                self.master.gradients_to_master()
             total += float(loss.detach())
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         logs = {}
         if self.config.train.grad_clip:
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.config.train.grad_clip)
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self._parameters(), self.config.train.grad_clip)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.master:
+            self.master.copy_to_model()
         self.lr_schedule.step()
         if self.ema:
-            self.ema.update(self.unet)
+            self.ema.update(self.master or self.unet)
         return {"loss": total, **{k: float(v) for k, v in logs.items()}, "lr": self.lr_schedule.get_last_lr()[0]}
 
     def eval_unet(self) -> UNet:
-        """The weights to evaluate and ship: EMA when enabled."""
+        """The model to evaluate: EMA weights when enabled (in the U-Net's dtype)."""
         return self.unet if self.ema is None else self.ema.averaged(self.unet)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The trained U-Net's state dict in float32 (from the masters under bf16_weights)."""
+        return self.master.state_dict(self.unet) if self.master else self.unet.state_dict()
+
+    def shipped_weights(self) -> dict[str, torch.Tensor]:
+        """The float32 weights a bundle ships: EMA when enabled."""
+        return {**self.weights(), **(self.ema.shadow if self.ema else {})}
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
@@ -189,7 +210,7 @@ class DiffusionTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "unet": self.unet.state_dict(),
+            "unet": self.weights(),
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
@@ -198,6 +219,8 @@ class DiffusionTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.unet.load_state_dict(state["unet"])
+        if self.master:
+            self.master.load_state_dict(state["unet"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if self.ema and state["ema"] is not None:
@@ -273,7 +296,7 @@ def train_unet(
         return Path(out) / "bundle"
     bundle = write_latent_diffusion_bundle(
         Path(out) / "bundle",
-        trainer.eval_unet().state_dict(),
+        trainer.shipped_weights(),
         config.unet,
         config.schedule,
         config.text_encoder,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import TypeVar
+from collections.abc import Iterable
+from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -11,11 +12,17 @@ from torch import nn
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
+class HasParameters(Protocol):
+    """A module, or the float32 master copies of one (training/master_weights.py)."""
+
+    def named_parameters(self) -> Iterable[tuple[str, torch.Tensor]]: ...
+
+
 class EMA:
     """EMA with the usual warm-up: decay min(decay, (1 + n) / (10 + n)) after n updates, so a short
     run's average is not dominated by its random initial weights."""
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: HasParameters, decay: float) -> None:
         self.decay, self.updates = decay, 0
         self.shadow = {name: p.detach().clone().float() for name, p in model.named_parameters()}
 
@@ -23,7 +30,7 @@ class EMA:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: HasParameters) -> None:
         names = list(self.shadow)
         params = dict(model.named_parameters())
         current = [params[name].detach().float() for name in names]

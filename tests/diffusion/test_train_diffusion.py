@@ -154,3 +154,65 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(latents, tmp_p
         torch.testing.assert_close(ddp_weights[key], single_weights[key], rtol=1e-4, atol=3e-4, msg=lambda m: key + m)
     differences = torch.cat([(ddp_weights[key] - single_weights[key]).abs().flatten() for key in single_weights])
     assert differences.mean() < 1e-6 and (differences > 1e-5).float().mean() < 1e-3
+
+
+BF16_WEIGHTS = ["train.precision=bf16", "train.bf16_weights=true", "train.ema_decay=0.5"]
+
+
+def test_bf16_weights_resume_exactly_and_ship_float32_masters(latents, tmp_path):
+    run(latents, tmp_path / "straight", 4, BF16_WEIGHTS)
+    run(latents, tmp_path / "resumed", 2, BF16_WEIGHTS)
+    run(latents, tmp_path / "resumed", 4, resume=True)
+    straight, resumed = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "resumed")
+    assert all(value.dtype == torch.float32 for value in straight.values())
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+    # the shipped weights keep float32 detail: the masters, not bf16-rounded copies
+    assert any(not torch.equal(value, value.bfloat16().float()) for value in straight.values())
+
+
+def test_bf16_weights_train_like_autocast(latents, tmp_path):
+    """The same arithmetic as autocast (bf16 products, float32 updates), so after a few steps the weights
+    differ from autocast's by bf16 rounding, far less than the training moved them."""
+    initial = unet_weights(run(latents, tmp_path / "zero", 1, ["train.lr=1e-12"]))
+    autocast = unet_weights(run(latents, tmp_path / "autocast", 4, ["train.precision=bf16", "train.lr=1e-3"]))
+    master = unet_weights(run(latents, tmp_path / "master", 4, ["train.precision=bf16", "train.bf16_weights=true", "train.lr=1e-3"]))
+    moved = sum((autocast[key] - initial[key]).abs().sum() for key in initial)
+    apart = sum((master[key] - autocast[key]).abs().sum() for key in initial)
+    assert moved > 0 and apart < 0.1 * moved  # measured: 2%
+
+
+def test_master_weights_accumulate_gradients_in_float32():
+    from ldm_cli.training.master_weights import MasterWeights
+
+    model = torch.nn.Linear(4, 1, bias=False)
+    master = MasterWeights(model)
+    assert model.weight.dtype == torch.bfloat16 and master.parameters[0].dtype == torch.float32
+    x = torch.ones(1, 4, dtype=torch.bfloat16)
+    for scale in (1.0, 1e-3):  # a small micro-batch gradient that a bf16 sum with 1.0 would round away
+        (model(x) * scale).sum().backward()
+        master.gradients_to_master()
+        assert model.weight.grad is None
+    torch.testing.assert_close(master.parameters[0].grad, torch.full((1, 4), 1.001), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        master.parameters[0].add_(1e-4)  # an update below a bf16 ulp of the weight
+    master.copy_to_model()
+    state = master.state_dict(model)
+    assert torch.equal(state["weight"], master.parameters[0]) and state["weight"].dtype == torch.float32
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.precision=fp32", "train.bf16_weights=true"], "train.bf16_weights: expected false unless train.precision is bf16"),
+])
+def test_bf16_weights_config_errors(overrides, message):
+    from ldm_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("train_diffusion", [*UNET, *TRAIN, *overrides])
+
+
+def test_bf16_weights_are_refused_for_the_autoencoder():
+    from ldm_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.bf16_weights"):  # not a key of the autoencoder's train configs
+        load_config("train_vae", ["train.bf16_weights=true"])
