@@ -159,6 +159,29 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(latents, tmp_p
 BF16_WEIGHTS = ["train.precision=bf16", "train.bf16_weights=true", "train.ema_decay=0.5"]
 
 
+@pytest.mark.slow
+def test_two_processes_train_with_bf16_weights(latents, tmp_path):
+    """DDP all-reduces the bf16 gradients of the bf16 U-Net; the result is single-process training up to bf16
+    rounding."""
+    bf16 = ["train.precision=bf16", "train.bf16_weights=true", "train.lr=1e-3"]
+    common = [*UNET, *TRAIN, "train.max_steps=2", *bf16]
+    initial = unet_weights(run(latents, tmp_path / "initial", 1, ["train.lr=1e-12"]))
+    single = unet_weights(run(latents, tmp_path / "single", 2, bf16))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        "-m", "ldm_cli.cli", "train-diffusion", "--latents", str(latents), "--out", str(tmp_path / "ddp"),
+        "--device", "cpu", *common, "train.batch_size=2",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ddp = unet_weights(tmp_path / "ddp")
+    assert all(value.dtype == torch.float32 for value in ddp.values())
+    moved = sum((single[key] - initial[key]).abs().sum() for key in initial)
+    apart = sum((ddp[key] - single[key]).abs().sum() for key in initial)
+    assert moved > 0 and apart < 0.1 * moved
+
+
 def test_bf16_weights_resume_exactly_and_ship_float32_masters(latents, tmp_path):
     run(latents, tmp_path / "straight", 4, BF16_WEIGHTS)
     run(latents, tmp_path / "resumed", 2, BF16_WEIGHTS)
