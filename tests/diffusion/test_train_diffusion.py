@@ -134,19 +134,23 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun_train(latents: Path, out: Path, overrides: list[str]) -> None:
+    """`ldm train-diffusion` in two CPU processes under torchrun."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        "-m", "ldm_cli.cli", "train-diffusion", "--latents", str(latents), "--out", str(out), "--device", "cpu", *overrides,
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_same_global_batch(latents, tmp_path):
     common = [*UNET, *TRAIN, "train.max_steps=2", "objective.caption_dropout=0.5"]
     single = load_config("train_diffusion", [*common, "train.batch_size=4"])
     train_unet(single, latents, tmp_path / "single", [*common, "train.batch_size=4"], device_name="cpu")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-        "-m", "ldm_cli.cli", "train-diffusion", "--latents", str(latents), "--out", str(tmp_path / "ddp"),
-        "--device", "cpu", *common, "train.batch_size=2",
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    torchrun_train(latents, tmp_path / "ddp", [*common, "train.batch_size=2"])
     single_weights, ddp_weights = unet_weights(tmp_path / "single"), unet_weights(tmp_path / "ddp")
     # Adam's m/sqrt(v) turns summation-order noise in a near-zero gradient into a step of up to lr (1e-3)
     # for that one element, so single elements get a fraction of a step; the weights as a whole must agree tightly
@@ -167,14 +171,7 @@ def test_two_processes_train_with_bf16_weights(latents, tmp_path):
     common = [*UNET, *TRAIN, "train.max_steps=2", *bf16]
     initial = unet_weights(run(latents, tmp_path / "initial", 1, ["train.lr=1e-12"]))
     single = unet_weights(run(latents, tmp_path / "single", 2, bf16))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-        "-m", "ldm_cli.cli", "train-diffusion", "--latents", str(latents), "--out", str(tmp_path / "ddp"),
-        "--device", "cpu", *common, "train.batch_size=2",
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    torchrun_train(latents, tmp_path / "ddp", [*common, "train.batch_size=2"])
     ddp = unet_weights(tmp_path / "ddp")
     assert all(value.dtype == torch.float32 for value in ddp.values())
     moved = sum((single[key] - initial[key]).abs().sum() for key in initial)
