@@ -219,19 +219,28 @@ def unet_forwards(
     t = torch.full((batch,), 500.0, device=device)
     diffusers_unet = diffusers_pipeline(model, device).unet
     calls: dict[str, Callable[[], Any]] = {}
-    for precision in precisions:
-        # our pipeline's U-Net call as it samples: weights in the compute dtype (channels_last on CUDA), the
-        # text's cross-attention keys and values projected once per image, before the steps
-        pipeline = SamplingPipeline(load_latent_diffusion(payload.bundle, device), device, precision)
+    flops: dict[str, int] = {}
+
+    def pipeline_call(pipeline: SamplingPipeline) -> Callable[[], Any]:
+        # our pipeline's U-Net call as it samples: weights in the compute dtype (channels_last on CUDA; packed
+        # for oneDNN on the CPU), the text's cross-attention keys and values projected once per image, and
+        # the latent once for both texts (the layers before the first cross-attention run once)
         with torch.inference_mode():
             text = pipeline._project_text(context)
-        calls[f"ours U-Net {precision}"] = lambda unet=pipeline.denoiser.model_fn, text=text: unet(x, t, text)
-    calls["diffusers U-Net fp32"] = lambda: diffusers_unet(x, t, encoder_hidden_states=context, return_dict=False)
+        return lambda: pipeline.denoiser.model_fn(x[: payload.batch_size], t[: payload.batch_size], text)
+
     with torch.inference_mode():
-        flops = {name: bench.count_flops(call) for name, call in calls.items()}  # ours skips the text projections
+        for precision in precisions:
+            name = f"ours U-Net {precision}"
+            # FLOPs of the plain eager forward: FlopCounterMode does not count oneDNN's packed-weight ops
+            flops[name] = bench.count_flops(pipeline_call(
+                SamplingPipeline(load_latent_diffusion(payload.bundle, device), device, precision, prepack=False)))
+            calls[name] = pipeline_call(SamplingPipeline(load_latent_diffusion(payload.bundle, device), device, precision))
+        calls["diffusers U-Net fp32"] = lambda: diffusers_unet(x, t, encoder_hidden_states=context, return_dict=False)
+        flops["diffusers U-Net fp32"] = bench.count_flops(calls["diffusers U-Net fp32"])
         for name, pipeline in compiled.items():  # the eager forward's FLOPs: compiled kernels are not counted
-            precision, text = name.split(" ")[1], pipeline._project_text(context)
-            calls[f"ours U-Net {precision} compiled"] = lambda unet=pipeline.denoiser.model_fn, text=text: unet(x, t, text)
+            precision = name.split(" ")[1]
+            calls[f"ours U-Net {precision} compiled"] = pipeline_call(pipeline)
             flops[f"ours U-Net {precision} compiled"] = flops[f"ours U-Net {precision}"]
     for precision in sorted({"fp32", *precisions}, reverse=True):  # fp32: the reference of the fp32 target
         matmul, matmul_flops = bench.matmul_call(device, {"fp32": torch.float32, "bf16": torch.bfloat16}[precision])

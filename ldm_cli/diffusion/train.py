@@ -193,7 +193,7 @@ class DiffusionTrainer:
 
         def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with autocast(self.precision, self.device):
-                both = unet(torch.cat([x, x]), torch.cat([t, t]), text).float()
+                both = unet(x, t, text).float()  # x once, both texts: [uncond, cond] outputs
             unconditional, conditional = both.chunk(2)
             return unconditional + scale * (conditional - unconditional)
 

@@ -6,6 +6,10 @@ with a strict `load_state_dict` both ways. The network predicts the noise (or v)
 
     conv_in -> down blocks (resnets [+ spatial transformers], downsample) -> mid block
             -> up blocks (concat skip, resnets [+ spatial transformers], upsample) -> conv_out
+
+The text may hold n times as many rows as the sample (classifier-free guidance: one latent, the
+[uncond, cond] texts). The batch then widens where the text first enters, at the first spatial
+transformer: the layers before it see the same input for all n texts and run once, not n times.
 """
 
 from __future__ import annotations
@@ -177,6 +181,18 @@ def _run(module: nn.Module, use_checkpoint: bool, *args: Any) -> Tensor:
     return module(*args)
 
 
+def _widen(x: Tensor, batch: int) -> Tensor:
+    """`x` ([B, ...]) as `batch` = n·B rows: n copies of the batch, in the order of the text rows
+    [copy 0 of every sample, copy 1, ...]; unchanged when it already has `batch` rows."""
+    if x.shape[0] == batch:
+        return x
+    return torch.cat([x] * (batch // x.shape[0]))  # cat keeps channels_last, where repeat would not
+
+
+def _text_batch(context: Context) -> int:
+    return (context.layers[0][0] if isinstance(context, TextKeysValues) else context).shape[0]
+
+
 def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
@@ -206,7 +222,7 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = h + _widen(self.time_emb_proj(F.silu(temb)), h.shape[0])[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
@@ -318,6 +334,7 @@ class SpatialTransformer(nn.Module):
         return F.linear(tokens, projection.weight.flatten(1), projection.bias)
 
     def forward(self, x: Tensor, context: Context) -> Tensor:
+        x = _widen(x, _text_batch(context))  # where the text enters, every text row needs its own copy
         batch, channels, height, width = x.shape
         h = self.norm(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view when channels_last
         h = self._project(self.proj_in, h)
@@ -444,7 +461,7 @@ class UpBlock(nn.Module):
     ) -> Tensor:
         """`skips` in the order they are consumed (most recent first)."""
         for j, (resnet, skip) in enumerate(zip(self.resnets, skips, strict=True)):
-            x = _run(resnet, self.use_checkpoint, torch.cat([x, skip], dim=1), temb)
+            x = _run(resnet, self.use_checkpoint, torch.cat([x, _widen(skip, x.shape[0])], dim=1), temb)
             if self.attentions:
                 x = self.attentions[j](x, context)
         for upsampler in self.upsamplers:
@@ -453,8 +470,8 @@ class UpBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps/v-prediction U-Net: forward(sample [B,C,H,W], timestep, encoder_hidden_states [B,L,D] or the
-    `project_text` of it)."""
+    """eps/v-prediction U-Net: forward(sample [B,C,H,W], timestep, encoder_hidden_states [n·B,L,D] or the
+    `project_text` of it) -> [n·B,C,H,W]; n = 1 in training, 2 for classifier-free guidance."""
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -516,6 +533,9 @@ class UNet(nn.Module):
         return TextKeysValues(tuple(layer.keys_values(encoder_hidden_states) for layer in self._cross_attentions()))
 
     def forward(self, sample: Tensor, timestep: Tensor | float | int, encoder_hidden_states: Context) -> Tensor:
+        text_batch = _text_batch(encoder_hidden_states)
+        if text_batch % sample.shape[0]:
+            raise ValueError(f"the text's batch ({text_batch}) must be a multiple of the sample's ({sample.shape[0]})")
         timesteps = torch.as_tensor(timestep, device=sample.device)
         timesteps = timesteps.reshape(-1).expand(sample.shape[0])  # a scalar applies to the whole batch
         time_features = timestep_embedding(

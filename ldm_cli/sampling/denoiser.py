@@ -56,11 +56,15 @@ class Denoiser:
         return ((1 - weight) * log_sigmas[low] + weight * log_sigmas[low + 1]).exp()
 
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        """D(x; σ) for x [B, ...]: [B, ...], or [n·B, ...] where the network answers each x for n texts."""
         # sigma: a python float (what samplers pass: no GPU sync), a 0-dim tensor, or one σ per sample
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
         sigma_b = sigma.reshape(-1, *([1] * (x.ndim - 1)))
         c_in = (sigma_b**2 + 1).rsqrt()
         model_output = self.model_fn(x * c_in, self.sigma_to_t(sigma), **cond)
+        copies = model_output.shape[0] // x.shape[0]  # one x with n texts (guidance): n outputs per row of x
+        if copies > 1:
+            x, sigma_b, c_in = (torch.cat([value] * copies) for value in (x, sigma_b, c_in))
         if self.prediction_type == "epsilon":
             return x - sigma_b * model_output
         if self.prediction_type == "v_prediction":

@@ -7,7 +7,8 @@
                     was made in, nor on the device's random number generator. txt2img starts at
                     x = σ_0 ε; img2img (SDEdit) at x = x_0 + σ_k ε and walks σ_k … 0
 3. denoise          a sampler over the σ's; classifier-free guidance in ONE batched forward of
-                    [uncond, cond] (skipped at guidance_scale 1)
+                    x with the [uncond, cond] texts, whose layers before the first cross-attention
+                    run once for both (skipped at guidance_scale 1)
 4. decode           latents → pixels with the autoencoder, in tiles above `tile_decode_above`
 5. to PIL           by the caller (commands.py), from the float images returned here
 
@@ -33,6 +34,7 @@ from ldm_cli.diffusion.unet import TextKeysValues
 from ldm_cli.errors import ConfigError, UsageError
 from ldm_cli.sampling.compile import compile_for_inference
 from ldm_cli.sampling.denoiser import Denoiser, get_sigmas
+from ldm_cli.sampling.prepack import is_prepacked, prepack_for_cpu
 from ldm_cli.sampling.samplers import SAMPLERS, sample
 from ldm_cli.training.precision import DTYPES, autocast
 
@@ -169,6 +171,7 @@ class SamplingPipeline:
         tile_latent_size: int = 64,
         channels_last: Optional[bool] = None,
         compile: bool = False,
+        prepack: Optional[bool] = None,
     ) -> None:
         self.model = model
         self.device = torch.device(device)
@@ -181,11 +184,18 @@ class SamplingPipeline:
         self.unet_dtype = DTYPES[precision]
         # tensor-core convolutions want NHWC; None: on CUDA only
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
-        model.unet.to(device=self.device, dtype=self.unet_dtype)
+        if is_prepacked(model.unet):  # an earlier pipeline made this U-Net inference-only, in its dtype
+            if next(model.unet.parameters()).dtype != self.unet_dtype or self.device.type != "cpu" or compile:
+                raise ValueError("this U-Net was packed for CPU inference by another pipeline; load the model again")
+        else:
+            model.unet.to(device=self.device, dtype=self.unet_dtype)
         if self.channels_last:
             model.unet.to(memory_format=torch.channels_last)
         self.compiled = compile  # torch.compile the U-Net: a slow first step, faster ones after
         self._unet_forward = compile_for_inference(model.unet) if compile else model.unet
+        # eager on the CPU: weights packed once for oneDNN (compile=true packs them itself); None: there
+        if prepack if prepack is not None else (self.device.type == "cpu" and not compile):
+            prepack_for_cpu(model.unet)
         self.denoiser = Denoiser(self._unet, model.schedule)
         self._embeddings: dict[str, torch.Tensor] = {}
 
@@ -266,7 +276,8 @@ class SamplingPipeline:
         both_text = self._project_text(torch.cat([uncond.expand_as(context), context]))
 
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            uncond_x0, cond_x0 = self.denoiser(torch.cat([x, x]), sigma, text=both_text).chunk(2)
+            # x once, both texts: the U-Net runs its layers before the first cross-attention once for both
+            uncond_x0, cond_x0 = self.denoiser(x, sigma, text=both_text).chunk(2)
             return uncond_x0 + guidance_scale * (cond_x0 - uncond_x0)
 
         return denoise

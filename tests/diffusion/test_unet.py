@@ -119,6 +119,27 @@ def test_projected_text_gives_the_same_output_as_the_text(case: str) -> None:
         assert not torch.allclose(model(sample, torch.tensor([3, 700]), other), expected)
 
 
+@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
+def test_one_latent_with_several_texts_runs_the_layers_before_the_text_once(case: str) -> None:
+    config = REFERENCE_CASES[case]
+    torch.manual_seed(0)
+    model = UNet(config).eval()
+    generator = torch.Generator().manual_seed(4)
+    sample = torch.randn(2, 4, 16, 16, generator=generator)
+    texts = torch.randn(4, 7, config.cross_attention_dim, generator=generator)  # [uncond x2, cond x2]
+    timestep = torch.tensor([3.0, 700.0])
+    conv_in_rows: list[int] = []
+    model.conv_in.register_forward_hook(lambda module, args, output: conv_in_rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        expected = model(torch.cat([sample, sample]), torch.cat([timestep, timestep]), texts)
+        for text in (texts, model.project_text(texts)):
+            torch.testing.assert_close(model(sample, timestep, text), expected, atol=1e-5, rtol=1e-5)
+    assert conv_in_rows == [4, 2, 2]  # the shared layers saw each latent once
+    assert not torch.allclose(expected[:2], expected[2:])  # the two texts really give two outputs
+    with pytest.raises(ValueError, match="multiple"):
+        model(sample, timestep, texts[:3])
+
+
 def test_our_weights_load_into_diffusers_strictly() -> None:
     config = REFERENCE_CASES["linear_proj"]
     torch.manual_seed(3)

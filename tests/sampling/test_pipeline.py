@@ -65,7 +65,8 @@ def diffusers_parts(model) -> dict:
     )
     vae.load_state_dict(model.autoencoder.model.state_dict())
     unet = UNet2DConditionModel(**model.unet.config.to_diffusers_config())
-    unet.load_state_dict(model.unet.state_dict())
+    # from the bundle: a sampling pipeline on the CPU keeps `model.unet`'s weights packed for oneDNN
+    unet.load_state_dict(load_latent_diffusion(model.bundle.path).unet.state_dict())
     return dict(
         vae=vae.eval(), unet=unet.eval(), text_encoder=model.text_encoder.model, tokenizer=model.text_encoder.tokenizer,
         scheduler=DDIMScheduler(**SD_DDIM), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -162,10 +163,17 @@ def test_noise_is_a_cpu_float32_draw_of_the_seed(pipe):
 # ---- guidance, prompts, img2img, decode ----
 
 
-def forward_batch_sizes(pipe, monkeypatch) -> list[int]:
-    sizes: list[int] = []
+def forward_batch_sizes(pipe, monkeypatch) -> list[tuple[int, int, int]]:
+    """(latent rows, text rows, output rows) of every U-Net call."""
+    sizes: list[tuple[int, int, int]] = []
     unet_forward = pipe.model.unet.forward
-    monkeypatch.setattr(pipe.model.unet, "forward", lambda sample, *a, **k: sizes.append(sample.shape[0]) or unet_forward(sample, *a, **k))
+
+    def forward(sample, timestep, text):
+        output = unet_forward(sample, timestep, text)
+        sizes.append((sample.shape[0], text.layers[0][0].shape[0], output.shape[0]))
+        return output
+
+    monkeypatch.setattr(pipe.model.unet, "forward", forward)
     return sizes
 
 
@@ -173,10 +181,10 @@ def test_guidance_is_one_batched_forward_and_scale_one_skips_the_unconditional_b
     sizes = forward_batch_sizes(pipe, monkeypatch)
     jobs = [ImageJob("a", 1), ImageJob("b", 2), ImageJob("c", 3)]
     pipe(jobs, SamplingSettings(steps=4, guidance_scale=3.0, sampler="euler", **SIZE))
-    assert sizes == [6] * 4
+    assert sizes == [(3, 6, 6)] * 4  # each latent once, with its [uncond, cond] texts: both outputs
     sizes.clear()
     pipe(jobs, SamplingSettings(steps=4, guidance_scale=1.0, sampler="euler", **SIZE))
-    assert sizes == [3] * 4
+    assert sizes == [(3, 3, 3)] * 4
 
 
 def test_guidance_extrapolates_from_the_negative_prompt(pipe):

@@ -1,0 +1,88 @@
+"""Frozen CPU inference: convolution and linear weights reordered once into oneDNN's blocked layouts.
+
+On the CPU, every eager `F.conv2d` (and a bf16 `F.linear`) reorders its weight into the layout that
+oneDNN's kernel reads, on every call. While sampling the weights never change, so `prepack_for_cpu`
+does that once, at a layer's first call, and from then on the layer calls oneDNN's kernel on the packed
+weight directly — the same ops inductor's freezing emits for `compile=true`, without compiling.
+Measured (scripts/bench_sample.py): small U-Net 16x16 latents, 1.1–1.4x faster convolutions and
+linears in bf16, 1.0–1.5x in fp32; the U-Net forward as a whole ... (see README).
+
+Layers that see fewer than `MIN_LINEAR_ROWS` rows (the time-embedding projections: one row per image)
+stay on the plain path, where the unpacked matrix-vector product is as fast or faster.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MIN_LINEAR_ROWS = 8
+
+
+def prepack_available() -> bool:
+    """oneDNN's packed-weight ops exist in this torch build (x86 and most Arm CPU builds)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def _pack(layer: nn.Module, packed: Tensor) -> None:
+    # the packed weight replaces the plain one (no second copy in memory); an opaque oneDNN tensor, so
+    # converting or training the module afterwards fails loudly instead of using stale packed weights
+    layer.weight = nn.Parameter(packed, requires_grad=False)
+
+
+def _packed_conv2d(conv: nn.Conv2d) -> Callable[[Tensor], Tensor]:
+    options = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+
+    def forward(x: Tensor) -> Tensor:
+        x = x.to(conv.weight.dtype)  # under autocast a preceding op may hand float32 to these non-autocast ops
+        if not conv.weight.is_mkldnn:  # for the first input's shape; other shapes still compute right
+            _pack(conv, torch.ops.mkldnn._reorder_convolution_weight(conv.weight.detach(), *options, list(x.shape)))
+        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, *options, "none", [], "")
+
+    return forward
+
+
+def _packed_linear(linear: nn.Linear) -> Callable[[Tensor], Tensor]:
+    def forward(x: Tensor) -> Tensor:
+        x = x.to(linear.weight.dtype)
+        if not linear.weight.is_mkldnn:
+            rows = x.numel() // x.shape[-1]
+            if rows < MIN_LINEAR_ROWS:
+                return F.linear(x, linear.weight, linear.bias)
+            _pack(linear, torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows))
+        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "none", [], "")
+
+    return forward
+
+
+def is_prepacked(module: nn.Module) -> bool:
+    return any(getattr(layer, "_prepacked", False) for layer in module.modules())
+
+
+@torch.no_grad()
+def prepack_for_cpu(module: nn.Module) -> int:
+    """Give every Conv2d (zero padding) and Linear of `module` a packed-weight forward; returns how many.
+
+    Makes `module` inference-only: at its first call each layer packs its weight as it is then and keeps
+    only the packed copy, so convert dtype and device before, and load the model anew to train, convert
+    or save it. Parameter names stay, and code that reads a `.weight` whose layer was never called (SD1's
+    `proj_in`/`proj_out`, run as plain matmuls) works as before.
+    """
+    if not prepack_available():
+        return 0
+    count = 0
+    for layer in module.modules():
+        if getattr(layer, "_prepacked", False) or not isinstance(layer, (nn.Conv2d, nn.Linear)) or layer.weight.device.type != "cpu":
+            continue
+        if isinstance(layer, nn.Linear):
+            layer.forward = _packed_linear(layer)
+        elif layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+            layer.forward = _packed_conv2d(layer)
+        else:
+            continue
+        layer._prepacked = True
+        count += 1
+    return count
