@@ -160,7 +160,11 @@ def initial_noise(seed: int, shape: Sequence[int], generator: Optional[torch.Gen
 
 
 class SamplingPipeline:
-    """A loaded latent-diffusion model ready to sample: `pipeline(jobs, settings) -> images`."""
+    """A loaded latent-diffusion model ready to sample: `pipeline(jobs, settings) -> images`.
+
+    It takes the model over: the U-Net is cast to the compute dtype in place and, on the CPU, its weights
+    are packed for oneDNN (`prepack.py`), which leaves it inference-only (load the model anew to train
+    or save it)."""
 
     def __init__(
         self,

@@ -1,11 +1,14 @@
 """Frozen CPU inference: convolution and linear weights reordered once into oneDNN's blocked layouts.
 
-On the CPU, every eager `F.conv2d` (and a bf16 `F.linear`) reorders its weight into the layout that
-oneDNN's kernel reads, on every call. While sampling the weights never change, so `prepack_for_cpu`
-does that once, at a layer's first call, and from then on the layer calls oneDNN's kernel on the packed
-weight directly — the same ops inductor's freezing emits for `compile=true`, without compiling.
-Measured (scripts/bench_sample.py): small U-Net 16x16 latents, 1.1–1.4x faster convolutions and
-linears in bf16, 1.0–1.5x in fp32; the U-Net forward as a whole ... (see README).
+On the CPU, every eager `F.conv2d` (and bf16 `F.linear`) hands its weight to oneDNN, which reorders it
+into the blocked layout its kernel reads, on every call; fp32 linears run MKL's GEMM, which oneDNN's
+packed kernel beats at the U-Net's shapes. While sampling the weights never change, so
+`prepack_for_cpu` does that once, at a layer's first call, and from then on the layer calls oneDNN's
+kernel on the packed weight directly: the ops inductor's freezing emits for `compile=true`, without
+compiling. Measured on a 2-core CPU (a single 3x3 convolution at the `small` U-Net's sizes): 1.0–1.5x
+faster in fp32 and 1.1–1.4x in bf16, linears 1.1–1.4x; the whole `small` U-Net forward at 16x16
+latents 1.1–1.25x (scripts/bench_sample.py). The gain shrinks as feature maps grow, where the reorder
+is a smaller share of each call.
 
 Layers that see fewer than `MIN_LINEAR_ROWS` rows (the time-embedding projections: one row per image)
 stay on the plain path, where the unpacked matrix-vector product is as fast or faster.
@@ -40,7 +43,10 @@ def _packed_conv2d(conv: nn.Conv2d) -> Callable[[Tensor], Tensor]:
         x = x.to(conv.weight.dtype)  # under autocast a preceding op may hand float32 to these non-autocast ops
         if not conv.weight.is_mkldnn:  # for the first input's shape; other shapes still compute right
             _pack(conv, torch.ops.mkldnn._reorder_convolution_weight(conv.weight.detach(), *options, list(x.shape)))
-        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, *options, "none", [], "")
+        out = torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, *options, "none", [], "")
+        # oneDNN answers in channels_last whatever the input's layout; hand back the input's layout, as
+        # nn.Conv2d does: the norms that follow are several times slower on mixed layouts (bf16 GroupNorm)
+        return out.contiguous(memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
 
     return forward
 
