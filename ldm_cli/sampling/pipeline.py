@@ -188,13 +188,14 @@ class SamplingPipeline:
         self.unet_dtype = DTYPES[precision]
         # tensor-core convolutions want NHWC; None: on CUDA only
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
-        if is_prepacked(model.unet):  # an earlier pipeline made this U-Net inference-only, in its dtype
-            if next(model.unet.parameters()).dtype != self.unet_dtype or self.device.type != "cpu" or compile:
+        if is_prepacked(model.unet):  # an earlier pipeline made this U-Net inference-only, as it then was
+            same = next(model.unet.parameters()).dtype == self.unet_dtype and self.device.type == "cpu"
+            if not same or compile or self.channels_last:
                 raise ValueError("this U-Net was packed for CPU inference by another pipeline; load the model again")
         else:
             model.unet.to(device=self.device, dtype=self.unet_dtype)
-        if self.channels_last:
-            model.unet.to(memory_format=torch.channels_last)
+            if self.channels_last:
+                model.unet.to(memory_format=torch.channels_last)
         self.compiled = compile  # torch.compile the U-Net: a slow first step, faster ones after
         self._unet_forward = compile_for_inference(model.unet) if compile else model.unet
         # eager on the CPU: weights packed once for oneDNN (compile=true packs them itself); None: there

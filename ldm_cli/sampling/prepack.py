@@ -46,7 +46,8 @@ def _packed_conv2d(conv: nn.Conv2d) -> Callable[[Tensor], Tensor]:
         out = torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, *options, "none", [], "")
         # oneDNN answers in channels_last whatever the input's layout; hand back the input's layout, as
         # nn.Conv2d does: the norms that follow are several times slower on mixed layouts (bf16 GroupNorm)
-        return out.contiguous(memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+        nhwc = x.is_contiguous(memory_format=torch.channels_last)
+        return out.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
 
     return forward
 
@@ -65,6 +66,7 @@ def _packed_linear(linear: nn.Linear) -> Callable[[Tensor], Tensor]:
 
 
 def is_prepacked(module: nn.Module) -> bool:
+    """Whether `prepack_for_cpu` has made `module` (or a part of it) inference-only."""
     return any(getattr(layer, "_prepacked", False) for layer in module.modules())
 
 
