@@ -21,7 +21,7 @@ from ldm_cli.autoencoder.model import AutoencoderConfig
 from ldm_cli.data.images import DataConfig
 from ldm_cli.diffusion.schedule import ScheduleConfig
 from ldm_cli.diffusion.text import TextEncoderConfig
-from ldm_cli.diffusion.unet import UNetConfig
+from ldm_cli.diffusion.unet_config import UNetConfig
 from ldm_cli.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"

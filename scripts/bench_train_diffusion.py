@@ -30,7 +30,8 @@ import _bench_common as bench  # noqa: E402
 
 from ldm_cli.config import TrainConfig, from_dict  # noqa: E402
 from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig  # noqa: E402
-from ldm_cli.diffusion.unet import UNet, UNetConfig  # noqa: E402
+from ldm_cli.diffusion.unet import UNet  # noqa: E402
+from ldm_cli.diffusion.unet_config import UNetConfig  # noqa: E402
 from ldm_cli.training.master_weights import MasterWeights  # noqa: E402
 from ldm_cli.training.precision import autocast  # noqa: E402
 

@@ -20,7 +20,8 @@ from ldm_cli.bundle import Bundle, load_bundle, write_bundle
 from ldm_cli.config import from_dict, to_dict
 from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ldm_cli.diffusion.text import TextEncoder, TextEncoderConfig, load_text_encoder, save_text_encoder
-from ldm_cli.diffusion.unet import UNet, UNetConfig
+from ldm_cli.diffusion.unet import UNet
+from ldm_cli.diffusion.unet_config import UNetConfig
 from ldm_cli.errors import BundleError
 
 BUNDLED_TEXT_ENCODER = "text_encoder"

@@ -8,7 +8,8 @@ from collections.abc import Callable
 import torch
 
 from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL
-from ldm_cli.diffusion.unet import UNet, UNetConfig
+from ldm_cli.diffusion.unet import UNet
+from ldm_cli.diffusion.unet_config import UNetConfig
 from ldm_cli.errors import IncompatibleError, UsageError
 from ldm_cli.interop.imported import ImportedAutoencoder, ImportedModel
 from ldm_cli.interop.sd_keys import check_keys

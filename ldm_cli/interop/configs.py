@@ -14,7 +14,7 @@ from typing import Any, Optional, TypeVar
 from ldm_cli.autoencoder.model import AutoencoderConfig
 from ldm_cli.config import from_dict
 from ldm_cli.diffusion.schedule import ScheduleConfig
-from ldm_cli.diffusion.unet import UNetConfig
+from ldm_cli.diffusion.unet_config import UNetConfig
 from ldm_cli.errors import BundleError, ConfigError, IncompatibleError
 from ldm_cli.interop.detect import detect_prediction_type, detect_vae_config
 from ldm_cli.interop.imported import SD1_RESOLUTION, SD_LATENT_SCALE, ImportedAutoencoder, Log

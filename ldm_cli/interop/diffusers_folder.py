@@ -10,7 +10,7 @@ from typing import Optional
 
 from ldm_cli.autoencoder.model import AutoencoderConfig
 from ldm_cli.config import from_dict
-from ldm_cli.diffusion.unet import UNetConfig
+from ldm_cli.diffusion.unet_config import UNetConfig
 from ldm_cli.errors import IncompatibleError, MissingWeightsError
 from ldm_cli.interop.configs import BETA_SCHEDULES, checked, read_json, refuse_options, schedule_config, unet_config
 from ldm_cli.interop.imported import SD1_RESOLUTION, SD_LATENT_SCALE, ImportedAutoencoder, ImportedModel, ImportOptions, Log

@@ -28,7 +28,7 @@ from ldm_cli.config import from_dict, to_dict
 from ldm_cli.diffusion.load import BUNDLED_TEXT_ENCODER, text_encoder_config
 from ldm_cli.diffusion.schedule import ScheduleConfig
 from ldm_cli.diffusion.text import load_text_encoder, save_text_encoder
-from ldm_cli.diffusion.unet import UNetConfig
+from ldm_cli.diffusion.unet_config import UNetConfig
 from ldm_cli.errors import BundleError, IncompatibleError, RunDirError, UsageError
 from ldm_cli.interop.imported import METADATA_KEY
 from ldm_cli.interop.sd_keys import join_sd_checkpoint, text_transformers_to_sd, unet_diffusers_to_sd, vae_diffusers_to_sd

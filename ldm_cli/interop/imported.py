@@ -10,7 +10,7 @@ from typing import Any, Optional
 from ldm_cli.autoencoder.model import AutoencoderConfig
 from ldm_cli.diffusion.schedule import ScheduleConfig
 from ldm_cli.diffusion.text import TextEncoder, TextEncoderConfig
-from ldm_cli.diffusion.unet import UNetConfig
+from ldm_cli.diffusion.unet_config import UNetConfig
 from ldm_cli.interop.single_file import StateDict
 
 Log = Callable[[str], None]

@@ -7,7 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm_cli.diffusion.unet import SpatialTransformer, UNet, UNetConfig, timestep_embedding
+from ldm_cli.diffusion.unet import SpatialTransformer, UNet, timestep_embedding
+from ldm_cli.diffusion.unet_config import UNetConfig
 from ldm_cli.errors import ConfigError
 
 diffusers = pytest.importorskip("diffusers")

@@ -19,7 +19,8 @@ from ldm_cli.config import to_dict
 from ldm_cli.diffusion.load import write_latent_diffusion_bundle
 from ldm_cli.diffusion.schedule import ScheduleConfig
 from ldm_cli.diffusion.text import TextEncoderConfig, load_text_encoder
-from ldm_cli.diffusion.unet import UNet, UNetConfig
+from ldm_cli.diffusion.unet import UNet
+from ldm_cli.diffusion.unet_config import UNetConfig
 
 TINY_RESOLUTION = 16
 TINY_LATENT_SCALE = 0.5
