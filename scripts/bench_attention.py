@@ -1,7 +1,8 @@
 """Attention kernels on this machine: torch's fused SDPA beside the explicit softmax(q kᵀ/√d) v.
 
 `ldm_cli.attention.attention` forms the scores explicitly on the CPU in bf16/fp16 while
-query_length x key_length <= EXPLICIT_MAX_SCORES, and calls SDPA otherwise. This script times both
+query_length x key_length <= EXPLICIT_MAX_SCORES, except for the smallest forward-only calls, and
+calls SDPA otherwise. This script times both
 kernels, forward and forward + backward, over the attention shapes of the U-Net presets (self- and
 cross-attention at each level) and a few larger ones, and marks the one `attention` picks, so the
 rule can be checked on any machine.
@@ -33,6 +34,11 @@ SHAPES = [
     ("small U-Net 16x16 self, batch 16", 64, 256, 256, 64),
     ("small U-Net 16x16 cross (32 tokens)", 64, 256, 32, 64),
     ("small U-Net 8x8 self, batch 16", 64, 64, 64, 64),
+    ("sampling small 4x4 self, CFG batch 1", 8, 16, 16, 64),
+    ("sampling small 4x4 cross (77 tokens), CFG", 8, 16, 77, 64),
+    ("sampling small 8x8 self, CFG batch 1", 8, 64, 64, 64),
+    ("sampling small 8x8 cross (77 tokens), CFG", 8, 64, 77, 64),
+    ("sampling small 4x4 self, CFG batch 4", 32, 16, 16, 64),
     ("sampling 32x32 cross (77 tokens), CFG", 16, 1024, 77, 64),
     ("sampling 64x64 self, SD1.5 level 1", 16, 4096, 4096, 40),
     ("32x32 self", 16, 1024, 1024, 64),
@@ -82,8 +88,10 @@ def main() -> None:
                 calls = {"sdpa": make_call(F.scaled_dot_product_attention, shape, dtype, backward, device),
                          "explicit": make_call(explicit, shape, dtype, backward, device)}
                 timings = bench.interleaved_timings(calls, args.repeats, 1, device)
-                probe = torch.empty(1, 1, shape[1], 1, dtype=dtype, device=device)
-                chosen = "explicit" if uses_explicit_scores(probe, torch.empty(1, 1, shape[2], 1, device=device)) else "sdpa"
+                batch_heads, query_length, key_length, width = shape
+                probes = [torch.empty(1, batch_heads, length, width, dtype=dtype, device=device, requires_grad=backward)
+                          for length in (query_length, key_length, key_length)]
+                chosen = "explicit" if uses_explicit_scores(*probes) else "sdpa"
                 fastest = min(timings, key=lambda name: timings[name].median)
                 loss = timings[chosen].median / timings[fastest].median - 1
                 wrong += loss > 0.1

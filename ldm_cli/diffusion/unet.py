@@ -126,6 +126,7 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, query_dim, bias=False)
         self.to_v = nn.Linear(context_dim, query_dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim)])  # ".0" as in diffusers
+        self.to_qkv: nn.Linear | None = None  # set by fuse_qkv
 
     def _split_heads(self, x: Tensor) -> Tensor:
         batch, length, width = x.shape
@@ -134,12 +135,28 @@ class Attention(nn.Module):
     def keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
         return self._split_heads(self.to_k(context)), self._split_heads(self.to_v(context))
 
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """For self-attention at inference: q, k and v from one matmul on the concatenated weights
+        (diffusers' `fuse_qkv_projections`), one larger call instead of three. Replaces to_q/to_k/to_v,
+        so the module no longer loads or saves their weights."""
+        weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+        self.to_qkv = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        self.to_qkv.weight.copy_(weight)
+        del self.to_q, self.to_k, self.to_v
+
     def forward(self, x: Tensor, context: Context | None = None) -> Tensor:
+        if context is None and self.to_qkv is not None:
+            q, k, v = (self._split_heads(t) for t in self.to_qkv(x).chunk(3, dim=-1))
+            return self._attend(q, k, v)
         q = self._split_heads(self.to_q(x))
         if isinstance(context, TextKeysValues):
             k, v = context.layers[self.context_index]
         else:
             k, v = self.keys_values(x if context is None else context)
+        return self._attend(q, k, v)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         out = attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
         batch, _, length, _ = out.shape
         return self.to_out[0](out.transpose(1, 2).reshape(batch, length, -1))
@@ -185,6 +202,18 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+class TokenConv1x1(nn.Conv2d):
+    """SD1's 1x1-convolution proj_in/proj_out (conv-shaped weight [C, C, 1, 1], as in its checkpoints),
+    applied to tokens [B, HW, C] as the matmul it is: that skips the conv kernel's overhead and a layout
+    copy (measured: scripts/bench_train_diffusion.py)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, kernel_size=1)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return F.linear(tokens, self.weight.flatten(1), self.bias)
+
+
 class SpatialTransformer(nn.Module):
     """diffusers' Transformer2DModel: run transformer blocks over the H*W pixels as tokens."""
 
@@ -195,26 +224,21 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.use_checkpoint = use_checkpoint
         self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_GROUP_NORM_EPS)
-        projection = nn.Linear if use_linear_projection else partial(nn.Conv2d, kernel_size=1)
-        self.proj_in = projection(channels, channels)
+        projection = partial(nn.Linear, channels) if use_linear_projection else TokenConv1x1
+        self.proj_in = projection(channels)
         self.transformer_blocks = nn.ModuleList(
             [TransformerBlock(channels, heads, context_dim) for _ in range(num_layers)]
         )
-        self.proj_out = projection(channels, channels)
-
-    def _project(self, projection: nn.Module, tokens: Tensor) -> Tensor:
-        # SD1's 1x1 convolutions are the same matmul on [B, HW, C] tokens; as a plain matmul it skips
-        # the conv kernel's overhead and a layout copy (measured: scripts/bench_train_diffusion.py)
-        return F.linear(tokens, projection.weight.flatten(1), projection.bias)
+        self.proj_out = projection(channels)
 
     def forward(self, x: Tensor, context: Context) -> Tensor:
         x = _widen(x, _text_batch(context))  # where the text enters, every text row needs its own copy
         batch, channels, height, width = x.shape
         h = self.norm(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view when channels_last
-        h = self._project(self.proj_in, h)
+        h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = _run(block, self.use_checkpoint, h, context)
-        h = self._project(self.proj_out, h)
+        h = self.proj_out(h)
         # back to [B, C, H, W] in the input's memory layout (free when channels_last)
         h = h.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
         return h.contiguous(memory_format=_memory_format(x)) + x

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm_cli.diffusion.unet import SpatialTransformer, UNet, timestep_embedding
+from ldm_cli.diffusion.unet import SpatialTransformer, TransformerBlock, UNet, timestep_embedding
 from ldm_cli.diffusion.unet_config import UNetConfig
 from ldm_cli.errors import ConfigError
 
@@ -139,6 +139,26 @@ def test_one_latent_with_several_texts_runs_the_layers_before_the_text_once(case
     assert not torch.allclose(expected[:2], expected[2:])  # the two texts really give two outputs
     with pytest.raises(ValueError, match="multiple"):
         model(sample, timestep, texts[:3])
+
+
+@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
+def test_fused_self_attention_projections_give_the_same_output(case: str) -> None:
+    config = REFERENCE_CASES[case]
+    torch.manual_seed(0)
+    model = UNet(config).eval()
+    generator = torch.Generator().manual_seed(5)
+    sample, context = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 7, config.cross_attention_dim, generator=generator)
+    self_attentions = [block.attn1 for block in model.modules() if isinstance(block, TransformerBlock)]
+    first = self_attentions[0]
+    weights = [first.to_q.weight.clone(), first.to_k.weight.clone(), first.to_v.weight.clone()]
+    with torch.no_grad():
+        expected = model(sample, torch.tensor([3, 700]), context)
+        for attention in self_attentions:
+            attention.fuse_qkv()
+        fused = model(sample, torch.tensor([3, 700]), context)
+    torch.testing.assert_close(first.to_qkv.weight, torch.cat(weights), atol=0, rtol=0)
+    assert not hasattr(first, "to_q") and "to_q.weight" not in dict(first.named_parameters())
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_our_weights_load_into_diffusers_strictly() -> None:

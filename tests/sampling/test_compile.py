@@ -31,8 +31,8 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(model_dir, monk
             raise RuntimeError("C++ compile error: cannot find cl.exe")
         return compiled
 
-    # the fallback runs the plain module, without the packed weights of eager CPU pipelines
-    eager = SamplingPipeline(load_latent_diffusion(model_dir), "cpu", "fp32", prepack=False)(JOBS, SETTINGS)
+    # the fallback runs the plain module, without the packed weights and NHWC layout of eager CPU pipelines
+    eager = SamplingPipeline(load_latent_diffusion(model_dir), "cpu", "fp32", prepack=False, channels_last=False)(JOBS, SETTINGS)
     monkeypatch.setattr(torch, "compile", broken_compile)
     with caplog.at_level(logging.WARNING):
         fallen_back = SamplingPipeline(load_latent_diffusion(model_dir), "cpu", "fp32", compile=True)(JOBS, SETTINGS)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ldm_cli.diffusion.load import load_latent_diffusion
-from ldm_cli.diffusion.unet import UNet
+from ldm_cli.diffusion.unet import TransformerBlock, UNet
 from ldm_cli.sampling.pipeline import ImageJob, SamplingPipeline, SamplingSettings
 from ldm_cli.sampling.prepack import MIN_LINEAR_ROWS, is_prepacked, prepack_available, prepack_for_cpu
 from tests.sampling.helpers import tiny_unet_config, write_tiny_latent_diffusion
@@ -29,7 +29,12 @@ def test_packed_unet_computes_what_the_plain_one_does(dtype, tolerance):
     unet, inputs = _unet_and_inputs(dtype)
     with torch.inference_mode():
         expected = unet(*inputs)
-        assert prepack_for_cpu(unet) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in unet.modules())
+        layers_before = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in unet.modules())
+        self_attentions = [block.attn1 for block in unet.modules() if isinstance(block, TransformerBlock)]
+        packed = prepack_for_cpu(unet)
+        # each self-attention's q, k and v projections became one
+        assert self_attentions and all(a.to_qkv is not None and not hasattr(a, "to_q") for a in self_attentions)
+        assert packed == layers_before - 2 * len(self_attentions)
         first, second = unet(*inputs), unet(*inputs)  # the first call packs, the second reuses
         other_size = unet(inputs[0][:, :, :8, :8], inputs[1], inputs[2])  # a shape it was not packed for
     assert expected.abs().mean() > 1e-2
@@ -45,11 +50,20 @@ def test_each_weight_is_kept_once_and_converting_afterwards_fails_loudly():
         unet(*inputs)
     assert is_prepacked(unet)
     assert unet.conv_in.weight.is_mkldnn and unet.down_blocks[0].attentions[0].transformer_blocks[0].ff.net[2].weight.is_mkldnn
-    # one row per image: the time-embedding projections stay on the plain path, where it is faster
-    assert not unet.down_blocks[0].resnets[0].time_emb_proj.weight.is_mkldnn
-    assert inputs[0].shape[0] < MIN_LINEAR_ROWS
     with pytest.raises((RuntimeError, NotImplementedError)):
         unet.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize(("dtype", "packed"), [(torch.float32, False), (torch.bfloat16, True)])
+def test_one_row_projections_are_packed_only_where_that_is_faster(dtype, packed):
+    # one row per image: the time-embedding projections; MKL's fp32 matrix-vector product beats oneDNN's
+    unet, inputs = _unet_and_inputs(dtype)
+    prepack_for_cpu(unet)
+    with torch.inference_mode():
+        unet(*inputs)
+    assert inputs[0].shape[0] < MIN_LINEAR_ROWS
+    assert unet.down_blocks[0].resnets[0].time_emb_proj.weight.is_mkldnn == packed
+    assert unet.conv_in.weight.is_mkldnn
 
 
 @pytest.fixture(scope="module")
