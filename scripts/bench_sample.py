@@ -223,8 +223,8 @@ def unet_forwards(
     flops: dict[str, int] = {}
 
     def pipeline_call(pipeline: SamplingPipeline) -> Callable[[], Any]:
-        # our pipeline's U-Net call as it samples: weights in the compute dtype (channels_last on CUDA; packed
-        # for oneDNN on the CPU), the text's cross-attention keys and values projected once per image, and
+        # our pipeline's U-Net call as it samples: weights in the compute dtype, channels_last (packed for
+        # oneDNN on the CPU), the text's cross-attention keys and values projected once per image, and
         # the latent once for both texts (the layers before the first cross-attention run once)
         with torch.inference_mode():
             text = pipeline._project_text(context)

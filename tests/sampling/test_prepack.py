@@ -49,7 +49,10 @@ def test_each_weight_is_kept_once_and_converting_afterwards_fails_loudly():
     with torch.inference_mode():
         unet(*inputs)
     assert is_prepacked(unet)
-    assert unet.conv_in.weight.is_mkldnn and unet.down_blocks[0].attentions[0].transformer_blocks[0].ff.net[2].weight.is_mkldnn
+    transformer = unet.down_blocks[0].attentions[0]
+    assert unet.conv_in.weight.is_mkldnn and transformer.transformer_blocks[0].ff.net[2].weight.is_mkldnn
+    # SD1's 1x1-convolution projections run on tokens, as packed matmuls
+    assert transformer.proj_in.weight.is_mkldnn and transformer.proj_in.weight.dim() == 2
     with pytest.raises((RuntimeError, NotImplementedError)):
         unet.to(torch.bfloat16)
 
