@@ -10,6 +10,9 @@ faster in fp32 and 1.1–1.4x in bf16, linears 1.1–1.4x; the whole `small` U-N
 latents 1.1–1.25x (scripts/bench_sample.py). The gain shrinks as feature maps grow, where the reorder
 is a smaller share of each call.
 
+SD1's 1x1-convolution projections (`TokenConv1x1`) are packed as the linears they are, and each
+self-attention's q, k and v projections become one matrix (`Attention.fuse_qkv`) before packing.
+
 In fp32, layers that see fewer than `MIN_LINEAR_ROWS` rows (the time-embedding projections: one row
 per image) stay on the plain path, where MKL's matrix-vector product is 2-3x faster; in bf16 the packed
 one is 1.4-1.7x faster than the plain bf16 one.
@@ -80,7 +83,8 @@ def prepack_for_cpu(module: nn.Module) -> int:
 
     Makes `module` inference-only: at its first call each layer packs its weight as it is then and keeps
     only the packed copy, so convert dtype and device before, and load the model anew to train, convert
-    or save it. Parameter names stay, and a layer that was never called keeps its plain weight.
+    or save it. Parameter names stay, except each self-attention's to_q/to_k/to_v, now one to_qkv; a
+    layer that was never called keeps its plain weight.
     """
     if not prepack_available():
         return 0

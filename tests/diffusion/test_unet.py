@@ -100,13 +100,18 @@ def test_timestep_may_be_a_scalar_or_one_per_sample() -> None:
     assert not torch.allclose(different[1], per_sample[1])
 
 
-@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
-def test_projected_text_gives_the_same_output_as_the_text(case: str) -> None:
+def _model_sample_text(case: str, seed: int, text_rows: int = 2) -> tuple[UNet, torch.Tensor, torch.Tensor]:
+    """A random eval-mode U-Net of a reference case, two 16x16 latents and `text_rows` 7-token texts."""
     config = REFERENCE_CASES[case]
     torch.manual_seed(0)
-    model = UNet(config).eval()
-    generator = torch.Generator().manual_seed(2)
-    sample, context = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 7, config.cross_attention_dim, generator=generator)
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2, 4, 16, 16, generator=generator)
+    return UNet(config).eval(), sample, torch.randn(text_rows, 7, config.cross_attention_dim, generator=generator)
+
+
+@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
+def test_projected_text_gives_the_same_output_as_the_text(case: str) -> None:
+    model, sample, context = _model_sample_text(case, seed=2)
     with torch.no_grad():
         text = model.project_text(context)
         layers = sum(len(block.transformer_blocks) for block in model.modules() if isinstance(block, SpatialTransformer))
@@ -122,12 +127,7 @@ def test_projected_text_gives_the_same_output_as_the_text(case: str) -> None:
 
 @pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
 def test_one_latent_with_several_texts_runs_the_layers_before_the_text_once(case: str) -> None:
-    config = REFERENCE_CASES[case]
-    torch.manual_seed(0)
-    model = UNet(config).eval()
-    generator = torch.Generator().manual_seed(4)
-    sample = torch.randn(2, 4, 16, 16, generator=generator)
-    texts = torch.randn(4, 7, config.cross_attention_dim, generator=generator)  # [uncond x2, cond x2]
+    model, sample, texts = _model_sample_text(case, seed=4, text_rows=4)  # texts: [uncond x2, cond x2]
     timestep = torch.tensor([3.0, 700.0])
     conv_in_rows: list[int] = []
     model.conv_in.register_forward_hook(lambda module, args, output: conv_in_rows.append(args[0].shape[0]))
@@ -143,11 +143,7 @@ def test_one_latent_with_several_texts_runs_the_layers_before_the_text_once(case
 
 @pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
 def test_fused_self_attention_projections_give_the_same_output(case: str) -> None:
-    config = REFERENCE_CASES[case]
-    torch.manual_seed(0)
-    model = UNet(config).eval()
-    generator = torch.Generator().manual_seed(5)
-    sample, context = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 7, config.cross_attention_dim, generator=generator)
+    model, sample, context = _model_sample_text(case, seed=5)
     self_attentions = [block.attn1 for block in model.modules() if isinstance(block, TransformerBlock)]
     first = self_attentions[0]
     weights = [first.to_q.weight.clone(), first.to_k.weight.clone(), first.to_v.weight.clone()]
