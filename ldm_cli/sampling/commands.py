@@ -443,6 +443,9 @@ def run_replay(
         print(f"note: {model} is not the model {Path(image).name} was made with (content hash differs); pixels will differ")
     if meta.get("device") not in (None, device.type):
         print(f"note: {Path(image).name} was made on {meta['device']}, this replay runs on {device.type}; pixels may differ slightly")
+    if meta.get("ldm_version") not in (None, __version__):
+        # another version may run other kernels (layouts, fused ops), which round differently
+        print(f"note: {Path(image).name} was made with ldm {meta['ldm_version']}, this is ldm {__version__}; pixels may differ slightly")
 
     pipeline = _pipeline(loaded, device, precision, replace(config, compile=bool(meta.get("compiled", False))))
     latent = None

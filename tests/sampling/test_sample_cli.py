@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from ldm_cli import cli
 from ldm_cli.bundle import file_sha256
@@ -84,6 +84,22 @@ def test_replay_gives_identical_pixels(ldm, model_dir, tmp_path, sampler, batch_
     replayed = tmp_path / "replayed" / "00000-101.png"
     assert np.array_equal(pixels(replayed), pixels(original))
     assert read_metadata(replayed)["karras_sigmas"] is True
+    assert "pixels may differ" not in stdout  # same version, device and model: nothing to note
+
+
+def test_replay_notes_an_image_made_by_another_ldm_version(ldm, model_dir, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, _ = ldm("sample", "--model", model_dir, "--prompt", "a red circle", "--steps", "2", "--out", out)
+    assert code == 0, stdout
+    original = out / "00000-0.png"
+    with Image.open(original) as image:
+        metadata = {**read_metadata(original), "ldm_version": "0.0.1"}
+        info = PngImagePlugin.PngInfo()
+        info.add_text("ldm", json.dumps(metadata))
+        image.save(tmp_path / "old.png", pnginfo=info)
+    code, stdout, _ = ldm("sample", "--replay", tmp_path / "old.png", "--out", tmp_path / "replayed")
+    assert code == 0, stdout
+    assert "was made with ldm 0.0.1, this is ldm " in stdout and "pixels may differ slightly" in stdout
 
 
 def test_img2img_on_a_folder_notes_resizes_and_replays(ldm, model_dir, tmp_path):
