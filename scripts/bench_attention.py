@@ -2,10 +2,9 @@
 
 `ldm_cli.attention.attention` forms the scores explicitly on the CPU in bf16/fp16 while
 query_length x key_length <= EXPLICIT_MAX_SCORES, except for the smallest forward-only calls, and
-calls SDPA otherwise. This script times both
-kernels, forward and forward + backward, over the attention shapes of the U-Net presets (self- and
-cross-attention at each level) and a few larger ones, and marks the one `attention` picks, so the
-rule can be checked on any machine.
+calls SDPA otherwise. This script times both kernels, forward and forward + backward, over the
+attention shapes of the U-Net presets (self- and cross-attention at each level, and batch-1 sampling)
+and a few larger ones, and marks the one `attention` picks, so the rule can be checked on any machine.
 
     python scripts/bench_attention.py                  # CPU, torch's threads
     python scripts/bench_attention.py --threads 1 --repeats 20
