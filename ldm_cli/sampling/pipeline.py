@@ -204,8 +204,9 @@ class SamplingPipeline:
                 model.unet.to(memory_format=torch.channels_last)
         self.compiled = compile  # torch.compile the U-Net: a slow first step, faster ones after
         self._unet_forward = compile_for_inference(model.unet) if compile else model.unet
-        # eager on the CPU: weights packed once for oneDNN (compile=true packs them itself); None: there
-        if prepack if prepack is not None else (self.device.type == "cpu" and not compile):
+        if prepack is None:  # eager on the CPU: weights packed once for oneDNN (compile=true packs them itself)
+            prepack = self.device.type == "cpu" and not compile
+        if prepack:
             prepack_for_cpu(model.unet)
         self.denoiser = Denoiser(self._unet, model.schedule)
         self._embeddings: dict[str, torch.Tensor] = {}
