@@ -46,6 +46,8 @@ from ldm_cli.sampling.pipeline import ImageJob, SamplingPipeline, SamplingSettin
 
 LATENT_SCALE = 0.18215  # SD's; diffusers' vae.config.scaling_factor is set to the same
 SPACING = "leading"  # diffusers' DDIMScheduler with SD's steps_offset=1
+# one forward is ~50 ms on a 2-core CPU: many cheap repeats steady the median on a shared machine
+FORWARD_REPEATS = 20
 SD_DDIM = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=True,
                clip_sample=False, steps_offset=1, timestep_spacing=SPACING)
 
@@ -224,11 +226,14 @@ def unet_forwards(
 
     def pipeline_call(pipeline: SamplingPipeline) -> Callable[[], Any]:
         # our pipeline's U-Net call as it samples: weights in the compute dtype, channels_last (packed for
-        # oneDNN on the CPU), the text's cross-attention keys and values projected once per image, and
-        # the latent once for both texts (the layers before the first cross-attention run once)
+        # oneDNN on the CPU), the text's cross-attention keys and values and the step's time projections
+        # computed once per image, and the latent once for both texts (the layers before the first
+        # cross-attention run once)
         with torch.inference_mode():
             text = pipeline._project_text(context)
-        return lambda: pipeline.denoiser.model_fn(x[: payload.batch_size], t[: payload.batch_size], text)
+            times = pipeline._project_time(pipeline.denoiser.t_to_sigma(t[:1]))  # empty with compile=true
+        time = next(iter(times.values()), None)
+        return lambda: pipeline.denoiser.model_fn(x[: payload.batch_size], t[: payload.batch_size], text, time)
 
     with torch.inference_mode():
         for precision in precisions:
@@ -300,7 +305,7 @@ def main() -> None:
         forwards, flops = unet_forwards(payload, device, chosen, compiled_pipelines)
         del compiled_pipelines
         with torch.inference_mode():
-            forward_timings = bench.interleaved_timings(forwards, max(repeats, 5), 1, device)
+            forward_timings = bench.interleaved_timings(forwards, max(repeats, FORWARD_REPEATS), 1, device)
         del forwards
         memory: dict = {}
         if not args.no_memory:
@@ -359,7 +364,7 @@ def gflops(timings: dict, flops: dict[str, int], name: str) -> float:
 
 def report_gflops(timings: dict, flops: dict[str, int]) -> None:
     print("\nU-Net forward (batch of [uncond, cond]); GFLOP by FlopCounterMode, ours without the text's "
-          "cross-attention keys and values, which sampling projects once per image")
+          "cross-attention keys and values and the resnets' time projections, which sampling computes once per image")
     rows = []
     for name, timing in timings.items():
         matmul = f"matmul 2048^3 {name.removesuffix(' compiled').rsplit(' ', 1)[1]}"

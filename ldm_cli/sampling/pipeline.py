@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ldm_cli.autoencoder.model import tiled_decode
 from ldm_cli.diffusion.load import LatentDiffusion
-from ldm_cli.diffusion.unet import TextKeysValues
+from ldm_cli.diffusion.unet import TextKeysValues, TimeProjections
 from ldm_cli.errors import ConfigError, UsageError
 from ldm_cli.sampling.compile import compile_for_inference
 from ldm_cli.sampling.denoiser import Denoiser, get_sigmas
@@ -225,18 +225,35 @@ class SamplingPipeline:
     def _vae_autocast(self) -> contextlib.AbstractContextManager:
         return autocast("bf16" if self.precision == "bf16" else "fp32", self.device)
 
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, text: TextKeysValues) -> torch.Tensor:
+    def _unet(
+        self, x: torch.Tensor, t: torch.Tensor, text: TextKeysValues, time: Optional[TimeProjections] = None
+    ) -> torch.Tensor:
+        """The U-Net at timesteps `t`, or at the step whose projections `time` holds (from `_project_time`)."""
         x = x.to(self.unet_dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            output = self._unet_forward(x, t, text)
+            output = self._unet_forward(x, t if time is None else time, text)
         return output.float()  # the sampler's state stays float32
 
     def _project_text(self, context: torch.Tensor) -> TextKeysValues:
         """The cross-attention keys and values of `context`, once for all the steps of a sampling run."""
         with self._autocast():
             return self.model.unet.project_text(context.to(self.unet_dtype))
+
+    def _project_time(self, sigmas: torch.Tensor) -> dict[float, TimeProjections]:
+        """The U-Net's time projections at each σ > 0 of a run, all computed in one go, by σ (the python
+        floats samplers pass). Not with compile=true: the compiled graph computes them itself, and two
+        kinds of call would compile twice."""
+        sigmas = sigmas[sigmas > 0]
+        if self.compiled or not len(sigmas):
+            return {}
+        with self._autocast():
+            steps = self.model.unet.project_time(self.denoiser.sigma_to_t(sigmas.to(self.device)), self.unet_dtype)
+        return {
+            sigma: TimeProjections(tuple(layer[i : i + 1] for layer in steps.layers))
+            for i, sigma in enumerate(sigmas.tolist())
+        }
 
     # 1. encode prompts --------------------------------------------------------------------------
 
@@ -275,21 +292,23 @@ class SamplingPipeline:
     # 3. denoise ----------------------------------------------------------------------------------
 
     def guided_denoiser(
-        self, context: torch.Tensor, uncond: torch.Tensor, guidance_scale: float
+        self, context: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, sigmas: Optional[torch.Tensor] = None
     ) -> Callable[[torch.Tensor, float], torch.Tensor]:
         """D(x; σ) with classifier-free guidance (Ho & Salimans 2022): D_u + w (D_c − D_u).
 
         Guiding the x_0 estimate equals guiding ε (or v): D is affine in the network output with the
-        same coefficients in both branches.
+        same coefficients in both branches. `sigmas`: the run's σ's, whose time projections are then
+        computed up front (any other σ still works).
         """
+        times = self._project_time(sigmas) if sigmas is not None else {}
         if guidance_scale == 1.0:
             text = self._project_text(context)
-            return lambda x, sigma: self.denoiser(x, sigma, text=text)
+            return lambda x, sigma: self.denoiser(x, sigma, text=text, time=times.get(sigma))
         both_text = self._project_text(torch.cat([uncond.expand_as(context), context]))
 
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
             # x once, both texts: the U-Net runs its layers before the first cross-attention once for both
-            uncond_x0, cond_x0 = self.denoiser(x, sigma, text=both_text).chunk(2)
+            uncond_x0, cond_x0 = self.denoiser(x, sigma, text=both_text, time=times.get(sigma)).chunk(2)
             return uncond_x0 + guidance_scale * (cond_x0 - uncond_x0)
 
         return denoise
@@ -330,7 +349,7 @@ class SamplingPipeline:
         sigmas = self.sigmas(settings)
         x, generators = self.prepare_latents(jobs, settings, sigmas)
         walk = sigmas[settings.start_index():]
-        denoise = self.guided_denoiser(context, uncond, settings.guidance_scale)
+        denoise = self.guided_denoiser(context, uncond, settings.guidance_scale, walk)
         x = sample(settings.sampler, denoise, x, walk, generator=generators, callback=callback, **settings.sampler_options())
         return self.decode(x)
 

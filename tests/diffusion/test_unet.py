@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm_cli.diffusion.unet import SpatialTransformer, TransformerBlock, UNet, timestep_embedding
+from ldm_cli.diffusion.unet import ResnetBlock, SpatialTransformer, TransformerBlock, UNet, timestep_embedding
 from ldm_cli.diffusion.unet_config import UNetConfig
 from ldm_cli.errors import ConfigError
 
@@ -123,6 +123,26 @@ def test_projected_text_gives_the_same_output_as_the_text(case: str) -> None:
         # and the projections really are used: other text, other output
         other = model.project_text(context.flip(1))
         assert not torch.allclose(model(sample, torch.tensor([3, 700]), other), expected)
+
+
+@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
+def test_projected_time_gives_the_same_output_as_the_timestep(case: str) -> None:
+    model, sample, context = _model_sample_text(case, seed=3)
+    resnets = [module for module in model.modules() if isinstance(module, ResnetBlock)]
+    with torch.no_grad():
+        # one timestep for the whole batch, projected alone or as a row of a run's several steps
+        expected = model(sample, 700, context)
+        steps = model.project_time(torch.tensor([900.0, 700.0, 20.0]), torch.float32)
+        assert len(steps.layers) == len(resnets) > 0
+        assert [layer.shape for layer in steps.layers] == [(3, r.conv1.out_channels, 1, 1) for r in resnets]
+        for time in (model.project_time(700, torch.float32), type(steps)(tuple(layer[1:2] for layer in steps.layers))):
+            torch.testing.assert_close(model(sample, time, context), expected, atol=1e-5, rtol=1e-5)  # rows round apart
+        # one timestep per sample, and the projections really are used: another step, another output
+        per_sample = model(sample, torch.tensor([3, 700]), context)
+        torch.testing.assert_close(model(sample, model.project_time(torch.tensor([3, 700]), torch.float32), context), per_sample)
+        assert not torch.allclose(model(sample, model.project_time(20, torch.float32), context), expected)
+        with pytest.raises(ValueError, match="3 timesteps for 2 samples"):
+            model(sample, steps, context)
 
 
 @pytest.mark.parametrize("case", sorted(REFERENCE_CASES))

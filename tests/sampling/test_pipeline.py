@@ -11,6 +11,7 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
 from ldm_cli.diffusion.load import load_latent_diffusion
+from ldm_cli.diffusion.unet import ResnetBlock
 from ldm_cli.errors import ConfigError, UsageError
 from ldm_cli.sampling import pipeline as pipeline_module
 from ldm_cli.sampling.commands import plan_init_size
@@ -221,13 +222,38 @@ def test_img2img_strength_zero_is_the_reconstruction_and_one_ignores_the_init(pi
 
 def test_img2img_walks_the_last_steps_of_the_schedule(pipe, monkeypatch):
     seen: list[float] = []
-    unet_forward = pipe.model.unet.forward
-    monkeypatch.setattr(pipe.model.unet, "forward", lambda sample, t, *a: seen.append(float(t.reshape(-1)[0])) or unet_forward(sample, t, *a))
+    model_fn = pipe.denoiser.model_fn
+    monkeypatch.setattr(pipe.denoiser, "model_fn", lambda x, t, **cond: seen.append(float(t.reshape(-1)[0])) or model_fn(x, t, **cond))
     init = InitLatent(pipe.encode_image(torch.zeros(3, 16, 16)), "zeros")
     settings = SamplingSettings(steps=10, strength=0.55, sampler="euler", timestep_spacing="trailing")
     pipe([ImageJob("x", 0, init)], settings)
     assert settings.start_index() == 5  # 10 − int(5.5)
     assert seen == get_timesteps(pipe.model.schedule, 10, "trailing")[5:].float().tolist()
+
+
+@pytest.mark.parametrize(("sampler", "forwards"), [("heun", 7), ("dpmpp_2m_sde", 4)])  # two σ per step; fresh noise
+def test_time_projections_are_computed_once_per_run_and_change_nothing(pipe, monkeypatch, sampler, forwards):
+    settings = SamplingSettings(steps=4, sampler=sampler, **SIZE)
+    job = [ImageJob("a red circle", 7)]
+    projected_rows: list[int] = []
+    project = ResnetBlock.project_time
+    monkeypatch.setattr(ResnetBlock, "project_time", lambda self, temb: projected_rows.append(temb.shape[0]) or project(self, temb))
+    images = pipe(job, settings)
+    resnets = sum(isinstance(module, ResnetBlock) for module in pipe.model.unet.modules())
+    assert projected_rows == [4] * resnets  # each resnet once, for the run's 4 σ > 0 together
+    monkeypatch.setattr(pipe, "_project_time", lambda sigmas: {})  # every step projects its own
+    torch.testing.assert_close(pipe(job, settings), images, atol=1e-5, rtol=0)
+    assert len(projected_rows) == resnets * (1 + forwards)
+
+
+def test_a_sigma_off_the_runs_grid_still_denoises(pipe):
+    context, uncond = pipe.encode_prompts(["a"]), pipe.encode_prompts([""])
+    x = torch.randn(1, pipe.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        with_grid = pipe.guided_denoiser(context, uncond, 3.0, torch.tensor([10.0, 2.0, 0.0]))
+        without = pipe.guided_denoiser(context, uncond, 3.0)
+        for sigma in (2.0, 5.0):  # on the grid, off it
+            torch.testing.assert_close(with_grid(x, sigma), without(x, sigma), atol=1e-5, rtol=0)
 
 
 def test_large_images_are_decoded_in_tiles(model, monkeypatch):
