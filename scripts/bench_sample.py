@@ -38,11 +38,12 @@ from ldm_cli.config import to_dict  # noqa: E402
 from ldm_cli.diffusion.load import LatentDiffusion, load_latent_diffusion, write_latent_diffusion_bundle  # noqa: E402
 from ldm_cli.diffusion.schedule import ScheduleConfig  # noqa: E402
 from ldm_cli.diffusion.text import TextEncoder, TextEncoderConfig, load_text_encoder, save_text_encoder  # noqa: E402
-from ldm_cli.diffusion.unet import UNet  # noqa: E402
+from ldm_cli.diffusion.unet import TransformerBlock, UNet  # noqa: E402
 from ldm_cli.diffusion.unet_config import UNetConfig  # noqa: E402
 from ldm_cli.eval.metrics import psnr  # noqa: E402
 from ldm_cli.sampling.denoiser import get_sigmas  # noqa: E402
 from ldm_cli.sampling.pipeline import ImageJob, SamplingPipeline, SamplingSettings, initial_noise  # noqa: E402
+from ldm_cli.sampling.prepack import prepack_for_cpu  # noqa: E402
 
 LATENT_SCALE = 0.18215  # SD's; diffusers' vae.config.scaling_factor is set to the same
 SPACING = "leading"  # diffusers' DDIMScheduler with SD's steps_offset=1
@@ -207,6 +208,34 @@ def build_case(payload: Payload, name: str) -> Generate:
 # ----------------------------------------------------------------------------------- U-Net GFLOP/s
 
 
+def layers_as_matmuls(call: Callable[[], Any], unet: torch.nn.Module, dtype: torch.dtype) -> tuple[Callable[[], Any], int]:
+    """Every convolution and linear that one `call` runs in `unet`, as a plain matmul with the same
+    multiply-adds (rows: output pixels or tokens; inner size: inputs per output), each with its own
+    weight, packed for oneDNN on the CPU as ours are: how fast the forward's shapes can multiply, apart
+    from everything else it does (norms, attention, element-wise ops, dispatch). (call, its FLOPs)."""
+    shapes: list[tuple[int, int, int]] = []
+
+    def record(layer: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+        outputs = layer.weight.shape[0]
+        shapes.append((output.numel() // outputs, layer.weight[0].numel(), outputs))
+
+    hooks = [layer.register_forward_hook(record) for layer in unet.modules() if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear))]
+    call()
+    for hook in hooks:
+        hook.remove()
+    device = next(unet.parameters()).device
+    layers = torch.nn.ModuleList(torch.nn.Linear(inner, outputs, bias=False, device=device, dtype=dtype) for _, inner, outputs in shapes)
+    inputs = [torch.randn(rows, inner, device=device, dtype=dtype) for rows, inner, _ in shapes]
+    if device.type == "cpu":
+        prepack_for_cpu(layers)
+
+    def run() -> None:
+        for layer, rows in zip(layers, inputs):
+            layer(rows)
+
+    return run, sum(2 * rows * inner * outputs for rows, inner, outputs in shapes)
+
+
 def unet_forwards(
     payload: Payload, device: torch.device, precisions: list[str], compiled: dict[str, SamplingPipeline]
 ) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]:
@@ -239,8 +268,14 @@ def unet_forwards(
         for precision in precisions:
             name = f"ours U-Net {precision}"
             # FLOPs of the plain eager forward: FlopCounterMode does not count oneDNN's packed-weight ops
-            flops[name] = bench.count_flops(pipeline_call(
-                SamplingPipeline(load_latent_diffusion(payload.bundle, device), device, precision, prepack=False)))
+            plain = SamplingPipeline(load_latent_diffusion(payload.bundle, device), device, precision, prepack=False)
+            flops[name] = bench.count_flops(pipeline_call(plain))
+            for block in plain.model.unet.modules():
+                if isinstance(block, TransformerBlock):
+                    block.attn1.fuse_qkv()  # the shapes packed sampling runs
+            matmuls = f"ours U-Net layers as matmuls {precision}"
+            calls[matmuls], flops[matmuls] = layers_as_matmuls(pipeline_call(plain), plain.model.unet, plain.unet_dtype)
+            del plain
             calls[name] = pipeline_call(SamplingPipeline(load_latent_diffusion(payload.bundle, device), device, precision))
         calls["diffusers U-Net fp32"] = lambda: diffusers_unet(x, t, encoder_hidden_states=context, return_dict=False)
         flops["diffusers U-Net fp32"] = bench.count_flops(calls["diffusers U-Net fp32"])
@@ -398,6 +433,8 @@ def report_targets(names, timings, images, memory, forward_timings, flops, devic
     if "ours U-Net fp32" in forward_timings:
         share = gflops(forward_timings, flops, "ours U-Net fp32") / gflops(forward_timings, flops, "matmul 2048^3 fp32")
         print(f"  ours fp32 U-Net forward vs fp32 matmul: {100 * share:.0f}%  {bench.verdict(100 * share, 75)}")
+        layers = gflops(forward_timings, flops, "ours U-Net layers as matmuls fp32") / gflops(forward_timings, flops, "matmul 2048^3 fp32")
+        print(f"    (for reference, no target: its layers' shapes as plain packed matmuls reach {100 * layers:.0f}%)")
     if "ours U-Net fp32 compiled" in forward_timings:
         share = gflops(forward_timings, flops, "ours U-Net fp32 compiled") / gflops(forward_timings, flops, "matmul 2048^3 fp32")
         print(f"  ours fp32 compiled U-Net forward vs fp32 matmul: {100 * share:.0f}%  {bench.verdict(100 * share, 75)}")
