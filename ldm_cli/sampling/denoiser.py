@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ class Denoiser:
         weight = t - low
         return ((1 - weight) * log_sigmas[low] + weight * log_sigmas[low + 1]).exp()
 
-    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor, **cond: Any) -> torch.Tensor:
         """D(x; σ) for x [B, ...]: [B, ...], or [n·B, ...] where the network answers each x for n texts."""
         # sigma: a python float (what samplers pass: no GPU sync), a 0-dim tensor, or one σ per sample
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])

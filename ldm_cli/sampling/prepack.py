@@ -13,9 +13,9 @@ is a smaller share of each call.
 SD1's 1x1-convolution projections (`TokenConv1x1`) are packed as the linears they are, and each
 self-attention's q, k and v projections become one matrix (`Attention.fuse_qkv`) before packing.
 
-In fp32, layers that see fewer than `MIN_LINEAR_ROWS` rows (the time-embedding projections: one row
-per image) stay on the plain path, where MKL's matrix-vector product is 2-3x faster; in bf16 the packed
-one is 1.4-1.7x faster than the plain bf16 one.
+In fp32, layers that see fewer than `MIN_LINEAR_ROWS` rows (the time-embedding projections, one row per
+step, when a run has few steps or a sampler asks for a σ off its grid) stay on the plain path, where
+MKL's matrix-vector product is 2-3x faster; in bf16 the packed one is 1.4-1.7x faster than the plain one.
 """
 
 from __future__ import annotations
