@@ -18,6 +18,7 @@ from ldm_cli.eval.metrics import psnr, ssim
 from ldm_cli.grid import make_grid, save_image
 from ldm_cli.training.ema import EMA
 from ldm_cli.training.loop import train_loop
+from ldm_cli.training.optimizer_state import load_optimizer_state
 from ldm_cli.training.precision import autocast, grad_scaler, resolve_device, resolve_precision
 from ldm_cli.training.run_dir import open_run
 
@@ -139,8 +140,8 @@ class AutoencoderTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.loss.load_state_dict(state["loss"], strict=False)
-        self.opt_ae.load_state_dict(state["opt_ae"])
-        self.opt_disc.load_state_dict(state["opt_disc"])
+        load_optimizer_state(self.opt_ae, state["opt_ae"])
+        load_optimizer_state(self.opt_disc, state["opt_disc"])
         if self.ema and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         if self.scaler and state["scaler"] is not None:

@@ -29,6 +29,7 @@ from ldm_cli.training.distributed import DistInfo, barrier, device_for, init_dis
 from ldm_cli.training.ema import EMA
 from ldm_cli.training.loop import train_loop
 from ldm_cli.training.master_weights import MasterWeights
+from ldm_cli.training.optimizer_state import load_optimizer_state
 from ldm_cli.training.precision import autocast, grad_scaler, resolve_device, resolve_precision
 from ldm_cli.training.run_dir import open_run
 
@@ -221,7 +222,7 @@ class DiffusionTrainer:
         self.unet.load_state_dict(state["unet"])
         if self.master:
             self.master.load_state_dict(state["unet"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if self.ema and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
