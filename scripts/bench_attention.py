@@ -54,10 +54,13 @@ def make_call(kernel: Callable, shape: tuple[int, int, int, int], dtype: torch.d
     generator = torch.Generator().manual_seed(0)
     tensors = [torch.randn(1, batch_heads, length, width, generator=generator).to(device, dtype).requires_grad_(backward)
                for length in (query_length, key_length, key_length)]
+    # a dense output gradient, as the projection after attention hands back (`.sum().backward()` would pass
+    # a stride-0 expanded one, which sends the explicit product's backward down a slow path)
+    output_grad = torch.randn(1, batch_heads, query_length, width, generator=generator).to(device, dtype)
 
     def call() -> None:
         if backward:
-            kernel(*tensors).sum().backward()
+            kernel(*tensors).backward(output_grad)
         else:
             with torch.inference_mode():
                 kernel(*tensors)

@@ -29,11 +29,6 @@ from torch import Tensor, nn
 from ldm_cli.diffusion.unet import TokenConv1x1, TransformerBlock
 
 MIN_LINEAR_ROWS = 8
-# aten's channels-last GroupNorm has no fast bf16 path for fewer than 16 channels per group on maps
-# under 1024 pixels: 4-15x slower there than in NCHW. Such calls go through NCHW and back (two copies),
-# which makes the `small` U-Net's bf16 forward at 16x16 latents 2.5-5% faster (neutral at 32x32).
-SLOW_NHWC_NORM_MAX_PIXELS = 1023
-SLOW_NHWC_NORM_MAX_GROUP_CHANNELS = 15
 
 
 def prepack_available() -> bool:
@@ -76,23 +71,6 @@ def _packed_linear(linear: nn.Linear | TokenConv1x1) -> Callable[[Tensor], Tenso
     return forward
 
 
-def _group_norm(norm: nn.GroupNorm) -> Callable[[Tensor], Tensor]:
-    def forward(x: Tensor) -> Tensor:
-        slow_nhwc = (
-            x.dtype == torch.bfloat16
-            and x.shape[-2] * x.shape[-1] <= SLOW_NHWC_NORM_MAX_PIXELS
-            and x.shape[1] // norm.num_groups <= SLOW_NHWC_NORM_MAX_GROUP_CHANNELS
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not x.is_contiguous()
-        )
-        if slow_nhwc:
-            out = F.group_norm(x.contiguous(), norm.num_groups, norm.weight, norm.bias, norm.eps)
-            return out.contiguous(memory_format=torch.channels_last)
-        return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-
-    return forward
-
-
 def is_prepacked(module: nn.Module) -> bool:
     """Whether `prepack_for_cpu` has made `module` (or a part of it) inference-only."""
     return any(getattr(layer, "_prepacked", False) for layer in module.modules())
@@ -101,8 +79,7 @@ def is_prepacked(module: nn.Module) -> bool:
 @torch.no_grad()
 def prepack_for_cpu(module: nn.Module) -> int:
     """Give every Conv2d (zero padding) and Linear of `module` a packed-weight forward, after fusing each
-    self-attention's q/k/v projections into one; returns how many layers were packed. GroupNorms get a
-    forward that avoids aten's slow bf16 NHWC kernel (`SLOW_NHWC_NORM_*`).
+    self-attention's q/k/v projections into one; returns how many layers were packed.
 
     Makes `module` inference-only: at its first call each layer packs its weight as it is then and keeps
     only the packed copy, so convert dtype and device before, and load the model anew to train, convert
@@ -114,9 +91,6 @@ def prepack_for_cpu(module: nn.Module) -> int:
     for block in module.modules():
         if isinstance(block, TransformerBlock) and block.attn1.to_qkv is None:
             block.attn1.fuse_qkv()  # one packed call instead of three: 1.2-1.5x for these matmuls
-    for norm in module.modules():
-        if isinstance(norm, nn.GroupNorm):
-            norm.forward = _group_norm(norm)
     count = 0
     for layer in module.modules():
         if getattr(layer, "_prepacked", False) or not isinstance(layer, (nn.Conv2d, nn.Linear)) or layer.weight.device.type != "cpu":

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm_cli.diffusion.unet import ResnetBlock, SpatialTransformer, TransformerBlock, UNet, timestep_embedding
+from ldm_cli.diffusion.unet import GroupNorm, ResnetBlock, SpatialTransformer, TransformerBlock, UNet, timestep_embedding
 from ldm_cli.diffusion.unet_config import UNetConfig
 from ldm_cli.errors import ConfigError
 
@@ -299,3 +299,29 @@ def test_non_attention_levels_do_not_need_divisible_heads() -> None:
         up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[5, 8], norm_num_groups=16,
     )
     assert config.heads() == [5, 8] and config.downsample_factor == 2
+
+
+@pytest.mark.parametrize(("shape", "via_nchw"), [((2, 64, 8, 8), True), ((1, 64, 32, 32), False), ((2, 512, 8, 8), False)])
+def test_group_norm_on_small_nhwc_bf16_maps_computes_the_same_in_the_same_layout(shape, via_nchw, monkeypatch):
+    """Small bf16 channels-last maps go through NCHW (aten's NHWC kernel is slow there), forward and backward."""
+    norm = GroupNorm(8 if shape[1] == 64 else 32, shape[1]).bfloat16()  # 8 or 16 channels per group
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        norm.weight.normal_(generator=generator)
+        norm.bias.normal_(generator=generator)
+    x = (torch.randn(shape, generator=generator) * 3 + 1).bfloat16().contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    expected = norm(x.contiguous())
+    (expected.float() ** 2).sum().backward()
+    expected_grad, x.grad = x.grad, None
+    copies = []
+    original_contiguous = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a, **k: copies.append(k) or original_contiguous(t, *a, **k))
+    out = norm(x)
+    monkeypatch.undo()
+    assert bool(copies) == via_nchw  # only small maps with few channels per group take the NCHW route
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.float(), expected.float(), atol=3e-2, rtol=3e-2)
+    (out.float() ** 2).sum().backward()
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x.grad.float(), expected_grad.float(), atol=5e-2, rtol=5e-2)
