@@ -138,7 +138,7 @@ def print_summary(out: Path, summary: dict) -> None:
     typer.echo(f"  ldm sample --model {out / 'diffusion'} --prompt \"a large red square in the center on a black background\" -n 4 --out {out / 'mine'}")
     typer.echo(f"  ldm img2img --model {out / 'diffusion'} --init {out / 'data' / '00001.png'} --prompt \"a large green circle in the center on a white background\" --strength 0.6 --out {out / 'mine'}")
     typer.echo(f"  ldm train-diffusion --latents {out / 'latents'} --out {out / 'diffusion'} --resume train.max_steps=6000   # train longer")
-    typer.echo(f"  ldm train-vae --data YOUR_IMAGES --out runs/my-vae autoencoder=kl_f8 data.resolution=256")
+    typer.echo("  ldm train-vae --data YOUR_IMAGES --out runs/my-vae autoencoder=kl_f8 data.resolution=256")
 
 
 def _stage(number: int, title: str) -> float:
