@@ -38,7 +38,8 @@ from ldm_cli.config import to_dict  # noqa: E402
 from ldm_cli.diffusion.load import LatentDiffusion, load_latent_diffusion, write_latent_diffusion_bundle  # noqa: E402
 from ldm_cli.diffusion.schedule import ScheduleConfig  # noqa: E402
 from ldm_cli.diffusion.text import TextEncoder, TextEncoderConfig, load_text_encoder, save_text_encoder  # noqa: E402
-from ldm_cli.diffusion.unet import TransformerBlock, UNet  # noqa: E402
+from ldm_cli.diffusion.transformer import TransformerBlock  # noqa: E402
+from ldm_cli.diffusion.unet import UNet  # noqa: E402
 from ldm_cli.diffusion.unet_config import UNetConfig  # noqa: E402
 from ldm_cli.eval.metrics import psnr  # noqa: E402
 from ldm_cli.sampling.denoiser import get_sigmas  # noqa: E402

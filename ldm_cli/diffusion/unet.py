@@ -16,23 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, NamedTuple, Union
+from typing import NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from ldm_cli.attention import attention
+from ldm_cli.diffusion.layers import GroupNorm, run_checkpointed, widen
+from ldm_cli.diffusion.transformer import Attention, Context, SpatialTransformer, TextKeysValues, TransformerBlock, text_batch
 from ldm_cli.diffusion.unet_config import UNetConfig
-
-# diffusers' Transformer2DModel hard-codes this GroupNorm eps (resnets use `norm_eps`).
-TRANSFORMER_GROUP_NORM_EPS = 1e-6
-# aten's channels-last GroupNorm has no fast bf16 path for fewer than 16 channels per group on maps
-# under 1024 pixels: 4-15x slower there than in NCHW (forward and backward).
-SLOW_NHWC_NORM_MAX_PIXELS = 1023
-SLOW_NHWC_NORM_MAX_GROUP_CHANNELS = 15
 
 
 def timestep_embedding(
@@ -50,49 +42,6 @@ def timestep_embedding(
     if dim % 2:
         embedding = F.pad(embedding, (0, 1))
     return embedding
-
-
-def _run(module: nn.Module, use_checkpoint: bool, *args: Any) -> Tensor:
-    """Call `module`, recomputing it in backward instead of storing activations when asked."""
-    if use_checkpoint and module.training and torch.is_grad_enabled():
-        return checkpoint(module, *args, use_reentrant=False)
-    return module(*args)
-
-
-def _widen(x: Tensor, batch: int) -> Tensor:
-    """`x` ([B, ...]) as `batch` = n·B rows: n copies of the batch, in the order of the text rows
-    [copy 0 of every sample, copy 1, ...]; unchanged when it already has `batch` rows."""
-    if x.shape[0] == batch:
-        return x
-    return torch.cat([x] * (batch // x.shape[0]))  # cat keeps channels_last, where repeat would not
-
-
-def _text_batch(context: Context) -> int:
-    return (context.layers[0][0] if isinstance(context, TextKeysValues) else context).shape[0]
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-
-
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm that takes small bf16 channels-last maps through NCHW and back (two copies), where
-    aten's NHWC kernel is slow (`SLOW_NHWC_NORM_*`). With it, channels_last costs bf16 nothing at small
-    sizes, so a U-Net can use the layout its fp32 convolutions prefer: the `small` U-Net's bf16 sampling
-    forward at 16x16 latents 2.5-5% faster; the `tiny` one trains in NHWC at bf16 as fast as in NCHW
-    (scripts/bench_train_diffusion.py)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        slow_nhwc = (
-            x.dtype == torch.bfloat16
-            and x.shape[-2] * x.shape[-1] <= SLOW_NHWC_NORM_MAX_PIXELS
-            and x.shape[1] // self.num_groups <= SLOW_NHWC_NORM_MAX_GROUP_CHANNELS
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not x.is_contiguous()
-        )
-        if slow_nhwc:
-            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
-        return super().forward(x)
 
 
 class TimestepEmbedding(nn.Module):
@@ -139,152 +88,10 @@ class ResnetBlock(nn.Module):
     def forward(self, x: Tensor, temb: Tensor | TimeProjections) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         time_bias = temb.layers[self.time_index] if isinstance(temb, TimeProjections) else self.project_time(temb)
-        h = h + (time_bias if time_bias.shape[0] == 1 else _widen(time_bias, h.shape[0]))  # one row broadcasts
+        h = h + (time_bias if time_bias.shape[0] == 1 else widen(time_bias, h.shape[0]))  # one row broadcasts
         h = self.conv2(F.silu(self.norm2(h)))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
-
-
-class TextKeysValues(NamedTuple):
-    """Every cross-attention layer's keys and values for one text context (`UNet.project_text`).
-
-    The text stays fixed while an image is sampled, so its projections need computing once, not at
-    every step: 4-6% of a `small` U-Net forward at CPU sizes (scripts/bench_sample.py). `UNet.forward`
-    takes this or the text embedding itself as `encoder_hidden_states`."""
-
-    layers: tuple[tuple[Tensor, Tensor], ...]  # (keys, values) [B, heads, L, d] per cross-attention layer
-
-
-Context = Union[Tensor, TextKeysValues]
-
-
-class Attention(nn.Module):
-    """Multi-head attention; keys/values come from `context` (cross) or from `x` itself (self)."""
-
-    def __init__(self, query_dim: int, context_dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.context_index = -1  # this layer's place in TextKeysValues.layers (set by UNet)
-        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim)])  # ".0" as in diffusers
-        self.to_qkv: nn.Linear | None = None  # set by fuse_qkv
-
-    def _split_heads(self, x: Tensor) -> Tensor:
-        batch, length, width = x.shape
-        return x.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
-
-    def keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
-        return self._split_heads(self.to_k(context)), self._split_heads(self.to_v(context))
-
-    @torch.no_grad()
-    def fuse_qkv(self) -> None:
-        """For self-attention at inference: q, k and v from one matmul on the concatenated weights
-        (diffusers' `fuse_qkv_projections`), one larger call instead of three. Replaces to_q/to_k/to_v,
-        so the module no longer loads or saves their weights."""
-        weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
-        self.to_qkv = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
-        self.to_qkv.weight.copy_(weight)
-        del self.to_q, self.to_k, self.to_v
-
-    def forward(self, x: Tensor, context: Context | None = None) -> Tensor:
-        if context is None and self.to_qkv is not None:
-            q, k, v = (self._split_heads(t) for t in self.to_qkv(x).chunk(3, dim=-1))
-            return self._attend(q, k, v)
-        q = self._split_heads(self.to_q(x))
-        if isinstance(context, TextKeysValues):
-            k, v = context.layers[self.context_index]
-        else:
-            k, v = self.keys_values(x if context is None else context)
-        return self._attend(q, k, v)
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out = attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
-        batch, _, length, _ = out.shape
-        return self.to_out[0](out.transpose(1, 2).reshape(batch, length, -1))
-
-
-class GEGLU(nn.Module):
-    """Linear to 2x width, then value * GELU(gate)."""
-
-    def __init__(self, dim_in: int, dim_out: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int = 4) -> None:
-        super().__init__()
-        # index 1 is diffusers' dropout slot, kept so that `ff.net.2` keeps its name
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
-class TransformerBlock(nn.Module):
-    """Pre-norm self-attention, cross-attention to the text, and a GEGLU MLP, each residual."""
-
-    def __init__(self, dim: int, heads: int, context_dim: int) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, context_dim, heads)
-        self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim)
-
-    def forward(self, x: Tensor, context: Context) -> Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
-
-
-class TokenConv1x1(nn.Conv2d):
-    """SD1's 1x1-convolution proj_in/proj_out (conv-shaped weight [C, C, 1, 1], as in its checkpoints),
-    applied to tokens [B, HW, C] as the matmul it is: that skips the conv kernel's overhead and a layout
-    copy (measured: scripts/bench_train_diffusion.py)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__(channels, channels, kernel_size=1)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        return F.linear(tokens, self.weight.flatten(1), self.bias)
-
-
-class SpatialTransformer(nn.Module):
-    """diffusers' Transformer2DModel: run transformer blocks over the H*W pixels as tokens."""
-
-    def __init__(
-        self, channels: int, heads: int, num_layers: int, context_dim: int, groups: int,
-        use_linear_projection: bool, use_checkpoint: bool,
-    ) -> None:
-        super().__init__()
-        self.use_checkpoint = use_checkpoint
-        self.norm = GroupNorm(groups, channels, eps=TRANSFORMER_GROUP_NORM_EPS)
-        projection = partial(nn.Linear, channels) if use_linear_projection else TokenConv1x1
-        self.proj_in = projection(channels)
-        self.transformer_blocks = nn.ModuleList(
-            [TransformerBlock(channels, heads, context_dim) for _ in range(num_layers)]
-        )
-        self.proj_out = projection(channels)
-
-    def forward(self, x: Tensor, context: Context) -> Tensor:
-        x = _widen(x, _text_batch(context))  # where the text enters, every text row needs its own copy
-        batch, channels, height, width = x.shape
-        h = self.norm(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view when channels_last
-        h = self.proj_in(h)
-        for block in self.transformer_blocks:
-            h = _run(block, self.use_checkpoint, h, context)
-        h = self.proj_out(h)
-        # back to [B, C, H, W] in the input's memory layout (free when channels_last)
-        h = h.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-        return h.contiguous(memory_format=_memory_format(x)) + x
 
 
 class Downsample(nn.Module):
@@ -350,7 +157,7 @@ class DownBlock(nn.Module):
         """Returns the output and every intermediate the up path will concatenate back."""
         skips = []
         for j, resnet in enumerate(self.resnets):
-            x = _run(resnet, self.use_checkpoint, x, temb)
+            x = run_checkpointed(resnet, self.use_checkpoint, x, temb)
             if self.attentions:
                 x = self.attentions[j](x, context)
             skips.append(x)
@@ -370,9 +177,9 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList([spec.resnet(channels, channels) for _ in range(2)])
 
     def forward(self, x: Tensor, temb: Tensor | TimeProjections, context: Context) -> Tensor:
-        x = _run(self.resnets[0], self.use_checkpoint, x, temb)
+        x = run_checkpointed(self.resnets[0], self.use_checkpoint, x, temb)
         for transformer, resnet in zip(self.attentions, self.resnets[1:]):
-            x = _run(resnet, self.use_checkpoint, transformer(x, context), temb)
+            x = run_checkpointed(resnet, self.use_checkpoint, transformer(x, context), temb)
         return x
 
 
@@ -403,7 +210,7 @@ class UpBlock(nn.Module):
     ) -> Tensor:
         """`skips` in the order they are consumed (most recent first)."""
         for j, (resnet, skip) in enumerate(zip(self.resnets, skips, strict=True)):
-            x = _run(resnet, self.use_checkpoint, torch.cat([x, _widen(skip, x.shape[0])], dim=1), temb)
+            x = run_checkpointed(resnet, self.use_checkpoint, torch.cat([x, widen(skip, x.shape[0])], dim=1), temb)
             if self.attentions:
                 x = self.attentions[j](x, context)
         for upsampler in self.upsamplers:
@@ -495,9 +302,9 @@ class UNet(nn.Module):
         return TextKeysValues(tuple(layer.keys_values(encoder_hidden_states) for layer in self._cross_attentions()))
 
     def forward(self, sample: Tensor, timestep: Time, encoder_hidden_states: Context) -> Tensor:
-        text_batch = _text_batch(encoder_hidden_states)
-        if text_batch % sample.shape[0]:
-            raise ValueError(f"the text's batch ({text_batch}) must be a multiple of the sample's ({sample.shape[0]})")
+        text_rows = text_batch(encoder_hidden_states)
+        if text_rows % sample.shape[0]:
+            raise ValueError(f"the text's batch ({text_rows}) must be a multiple of the sample's ({sample.shape[0]})")
         if isinstance(timestep, TimeProjections):
             if timestep.layers[0].shape[0] not in (1, sample.shape[0]):
                 raise ValueError(f"time projections of {timestep.layers[0].shape[0]} timesteps for {sample.shape[0]} samples")

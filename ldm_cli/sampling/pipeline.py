@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from ldm_cli.autoencoder.model import tiled_decode
 from ldm_cli.diffusion.load import LatentDiffusion
-from ldm_cli.diffusion.unet import TextKeysValues, TimeProjections
+from ldm_cli.diffusion.transformer import TextKeysValues
+from ldm_cli.diffusion.unet import TimeProjections
 from ldm_cli.errors import ConfigError, UsageError
 from ldm_cli.sampling.compile import compile_for_inference
 from ldm_cli.sampling.denoiser import Denoiser, get_sigmas

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm_cli.diffusion.unet import TokenConv1x1, TransformerBlock
+from ldm_cli.diffusion.transformer import TokenConv1x1, TransformerBlock
 
 MIN_LINEAR_ROWS = 8
 

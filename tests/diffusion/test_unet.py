@@ -7,7 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm_cli.diffusion.unet import GroupNorm, ResnetBlock, SpatialTransformer, TransformerBlock, UNet, timestep_embedding
+from ldm_cli.diffusion.layers import GroupNorm
+from ldm_cli.diffusion.transformer import SpatialTransformer, TransformerBlock
+from ldm_cli.diffusion.unet import ResnetBlock, UNet, timestep_embedding
 from ldm_cli.diffusion.unet_config import UNetConfig
 from ldm_cli.errors import ConfigError
 

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from ldm_cli.diffusion.load import load_latent_diffusion
-from ldm_cli.diffusion.unet import TransformerBlock, UNet
+from ldm_cli.diffusion.transformer import TransformerBlock
+from ldm_cli.diffusion.unet import UNet
 from ldm_cli.sampling.pipeline import ImageJob, SamplingPipeline, SamplingSettings
 from ldm_cli.sampling.prepack import MIN_LINEAR_ROWS, is_prepacked, prepack_available, prepack_for_cpu
 from tests.sampling.helpers import tiny_unet_config, write_tiny_latent_diffusion
