@@ -6,11 +6,12 @@ measured by `scripts/bench_attention.py`: on the CPU in bf16/fp16, the flash ker
 (forward and backward) than two plain batched matmuls while the score matrix is small — the shapes
 of small U-Nets, low-resolution levels and all text cross-attention at CPU sizes. There the scores
 are formed explicitly (softmax in fp32, for accuracy); past `EXPLICIT_MAX_SCORES` scores per head,
-and in fp32, the fused kernel is as fast or faster and bounded in memory. (Alone, a small fp32 text
-cross-attention's forward + backward is up to 1.3x faster explicit; inside the tiny and small U-Nets'
-training steps, explicit fp32 attention up to 2**14 scores per head was 1-3% slower, so fp32 stays fused.) At the smallest sizes (few
+and in fp32, the fused kernel is as fast or faster and bounded in memory. At the smallest sizes (few
 batch x heads, a few thousand scores: batch-1 sampling at low resolution) the explicit form's five
 ops cost more in fixed overhead than the fused forward, which then wins when no backward follows.
+(Alone, a small fp32 text cross-attention's forward + backward runs up to 1.3x faster explicit; in
+the tiny and small U-Nets' training steps, explicit fp32 attention up to 2**14 scores per head was
+1-3% slower, so fp32 stays fused.)
 """
 
 from __future__ import annotations
