@@ -8,7 +8,7 @@
 - `TokenSpatialTransformer` with `TokenConv1x1`: SD1's 1x1-convolution projections applied to the tokens
   as the matmul they are, which skips the convolution kernel's overhead and a layout copy.
 
-`optimize_for_cpu_inference(unet)` adds, for frozen weights (sampling):
+`optimize_for_cpu_inference(unet)` adds, for frozen weights (sampling), where the CPU supports the dtype:
 - `FusedSelfAttention`: each self-attention's q, k and v from one matmul (diffusers' `fuse_qkv_projections`).
 - `PackedConv2d` / `PackedLinear`: weights reordered once into oneDNN's blocked layout, instead of at
   every eager call (the ops inductor's freezing emits for `compile=true`, without compiling).
@@ -175,8 +175,19 @@ def _fuse_swap(module: nn.Module) -> Optional[nn.Module]:
     return None
 
 
+def packable(weight: Tensor) -> bool:
+    """oneDNN packs fp32 weights on any x86 CPU, bf16/fp16 ones only where the CPU has the instructions."""
+    if weight.device.type != "cpu":
+        return False
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if weight.dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return weight.dtype == torch.float32
+
+
 def _pack_swap(module: nn.Module) -> Optional[nn.Module]:
-    if not isinstance(module, (nn.Linear, nn.Conv2d)) or module.weight.device.type != "cpu":
+    if not isinstance(module, (nn.Linear, nn.Conv2d)) or not packable(module.weight):
         return None
     if type(module) in (nn.Linear, TokenConv1x1):
         return PackedLinear(module)
@@ -197,6 +208,3 @@ def optimize_for_cpu_inference(model: nn.Module) -> nn.Module:
     return model
 
 
-def is_packed(model: nn.Module) -> bool:
-    """Whether `optimize_for_cpu_inference` has made `model` inference-only."""
-    return any(isinstance(module, (PackedConv2d, PackedLinear, FusedSelfAttention)) for module in model.modules())

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm_cli.autoencoder.model import tiled_decode
-from ldm_cli.backends.cpu import is_packed, optimize_for_cpu, optimize_for_cpu_inference
+from ldm_cli.backends.cpu import optimize_for_cpu, optimize_for_cpu_inference
 from ldm_cli.backends.guided import GuidedUNet
 from ldm_cli.diffusion.load import LatentDiffusion
 from ldm_cli.errors import UsageError
@@ -131,23 +131,26 @@ class SamplingPipeline:
             channels_last = self.device.type == "cuda" or not compile
         self.channels_last = channels_last
         unet = model.unet
-        if is_packed(unet) or hasattr(unet, "guided"):  # another pipeline made this U-Net inference-only
-            raise ValueError("this U-Net was prepared for sampling by another pipeline; load the model again")
-        unet.to(device=self.device, dtype=self.unet_dtype)
-        if self.channels_last:
-            unet.to(memory_format=torch.channels_last)
         self.compiled = compile  # torch.compile the U-Net: a slow first step, faster ones after
-        if self.device.type == "cpu":
-            optimize_for_cpu(unet)
-        if compile:  # the compiled graph computes the text and time projections itself, and fuses the rest
-            self.guided: Optional[GuidedUNet] = None
-            self._compiled_unet = compile_for_inference(unet)
+        self.guided: Optional[GuidedUNet] = getattr(unet, "guided", None)
+        if self.guided is not None:  # another pipeline prepared this U-Net for sampling, as it then was
+            same = next(unet.parameters()).dtype == self.unet_dtype and next(unet.parameters()).device.type == self.device.type
+            if not same or compile:
+                raise ValueError("this U-Net was prepared for sampling by another pipeline; load the model again")
         else:
-            self.guided = unet.guided = GuidedUNet(unet)
-        if prepack is None:  # eager on the CPU: weights packed once for oneDNN (compile=true packs them itself)
-            prepack = self.device.type == "cpu" and not compile
-        if prepack:
-            optimize_for_cpu_inference(unet)
+            unet.to(device=self.device, dtype=self.unet_dtype)
+            if self.channels_last:
+                unet.to(memory_format=torch.channels_last)
+            if self.device.type == "cpu":
+                optimize_for_cpu(unet)
+            if compile:  # the compiled graph computes the text and time projections itself, and fuses the rest
+                self._compiled_unet = compile_for_inference(unet)
+            else:
+                self.guided = unet.guided = GuidedUNet(unet)
+            if prepack is None:  # eager on the CPU: weights packed once for oneDNN (compile=true packs them itself)
+                prepack = self.device.type == "cpu" and not compile
+            if prepack:
+                optimize_for_cpu_inference(unet)
         self.denoiser = Denoiser(self._unet, model.schedule)
         self._embeddings: dict[str, torch.Tensor] = {}
 

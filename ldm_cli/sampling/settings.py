@@ -77,10 +77,10 @@ class SamplingSettings:
                 raise UsageError(f"--eta must be >= 0, got {self.eta}")
         if self.steps < 1:
             raise UsageError(f"--steps must be a positive integer, got {self.steps}")
-        if self.steps > limits.max_steps:
-            raise UsageError(f"--steps {self.steps} exceeds the limit of {limits.max_steps} (raise it with max_steps=N)")
         if num_train_timesteps is not None and not self.karras_sigmas and self.steps > num_train_timesteps:
             raise UsageError(f"--steps {self.steps} exceeds the model's {num_train_timesteps} training timesteps")
+        if self.steps > limits.max_steps:
+            raise UsageError(f"--steps {self.steps} exceeds the limit of {limits.max_steps} (raise it with max_steps=N)")
         for name in ("height", "width"):
             side = getattr(self, name)
             if not 1 <= side <= limits.max_side:
