@@ -307,7 +307,7 @@ def main() -> None:
                         help="DDIM steps per image (default 20)")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--compile", action="store_true",
-                        help="also time ours with compile=true (torch.compile; compiles once, about a minute on a CPU)")
+                        help="also time ours with compile=true (torch.compile; compiles once, reported separately)")
     parser.add_argument("--memory-steps", type=int, default=2,
                         help="DDIM steps of the memory measurement's call (the peak does not grow with steps; default 2)")
     args = parser.parse_args()
