@@ -308,6 +308,8 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--compile", action="store_true",
                         help="also time ours with compile=true (torch.compile; compiles once, reported separately)")
+    parser.add_argument("--forward-repeats", type=int, default=FORWARD_REPEATS,
+                        help=f"measured calls per case of the U-Net forward table (default {FORWARD_REPEATS})")
     parser.add_argument("--memory-steps", type=int, default=2,
                         help="DDIM steps of the memory measurement's call (the peak does not grow with steps; default 2)")
     args = parser.parse_args()
@@ -345,7 +347,7 @@ def main() -> None:
         forwards, flops = unet_forwards(payload, device, chosen, compiled_pipelines)
         del compiled_pipelines
         with torch.inference_mode():
-            forward_timings = bench.interleaved_timings(forwards, max(repeats, FORWARD_REPEATS), 1, device)
+            forward_timings = bench.interleaved_timings(forwards, max(repeats, args.forward_repeats), 1, device)
         del forwards
         memory: dict = {}
         if not args.no_memory:
