@@ -16,14 +16,6 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 4e-2}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared box: extra threads only spin
-    yield
-    torch.set_num_threads(threads)
-
-
 def _prepared(case: str, dtype: torch.dtype, layout: str):
     unet, sample, t, text = unet_and_inputs(case)
     unet.to(dtype=dtype, memory_format=LAYOUTS[layout])

@@ -17,14 +17,6 @@ STEPS = torch.tensor([900.0, 500.0, 10.0])  # the run's timesteps
 KEYS = [14.6, 2.1, 0.03]  # what the sampler calls them (its σ's)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _plain_and_guided(case: str, texts_per_latent: int, dtype: torch.dtype, packed: bool):
     plain, sample, _, text = unet_and_inputs(case, rows=2, text_rows=2 * texts_per_latent)
     plain.to(dtype=dtype, memory_format=torch.channels_last)
