@@ -62,6 +62,8 @@ class Resolved:
 
     def describe(self) -> str:
         if self.origin == "download":
+            if is_offline():
+                return f"{self.path} (missing, and offline: nothing is downloaded)"
             return f"{self.path} (to be downloaded from {self.url})"
         return f"{self.path} ({self.origin})"
 
@@ -181,3 +183,25 @@ def _missing(spec: WeightFile, where: Resolved, problem: str) -> MissingWeightsE
 def _reason(error: BaseException) -> str:
     reason = getattr(error, "reason", None) or error
     return " ".join(str(reason).split())[:160]
+
+
+def config_sources(config: object, text_encoder: bool = True) -> list[tuple[str, Resolved]]:
+    """(title, where from) of every pretrained file a composed command config will load."""
+    sources: list[tuple[str, Resolved]] = []
+    loss = getattr(config, "loss", None)
+    if loss is not None and getattr(loss, "perceptual_weight", 0) > 0:
+        from ldm_cli.autoencoder.lpips import lpips_sources
+
+        sources += lpips_sources(loss.lpips_vgg_path, loss.lpips_heads_path)
+    encoder = getattr(config, "text_encoder", None)
+    if encoder is not None and text_encoder:
+        from ldm_cli.diffusion.text import text_encoder_source
+
+        where = text_encoder_source(encoder)
+        if where is not None:
+            sources.append((f"text encoder {encoder.pretrained}", where))
+    return sources
+
+
+def describe_sources(sources: list[tuple[str, Resolved]]) -> list[str]:
+    return [f"{title}: {where.describe()}" for title, where in sources]
