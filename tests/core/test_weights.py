@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -13,24 +15,36 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from typer.testing import CliRunner
 
+from ldm_cli.autoencoder.lpips import HEADS_IN_PACKAGE
+from ldm_cli.cli import app
 from ldm_cli.errors import MissingWeightsError
-from ldm_cli.weights import WeightFile, fetch, locate, source_url
+from ldm_cli.weights import WeightFile, fetch, locate, package_file, source_url
 
 PAYLOAD = os.urandom(300_000)
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
 
 
 class _Files(BaseHTTPRequestHandler):
-    """GET /<name>: the payload; /truncated/<name>: half of it under the full length, then a hang-up;
+    """GET /<name>: a file of `server.files`, else the payload; /truncated/<name>: half of it under the full length, then a hang-up;
     /stall/<name>: half of it, then nothing until the server stops."""
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         self.server.requests.append(self.path)
         if self.path.startswith("/missing/"):
             self.send_error(404)
+            return
+        if self.path in self.server.files:
+            body = self.server.files[self.path].read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
             return
         self.send_response(200)
         self.send_header("Content-Length", str(len(PAYLOAD)))
@@ -50,7 +64,7 @@ class _Files(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
-    httpd.requests, httpd.release = [], threading.Event()
+    httpd.requests, httpd.release, httpd.files = [], threading.Event(), {}
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -181,3 +195,82 @@ def test_http_error_and_mirror_and_explicit_paths(server, hub, tmp_path, monkeyp
     assert fetch(spec, local) == local
     with pytest.raises(MissingWeightsError, match="loss.test_path=.*nowhere.pth does not exist"):
         fetch(spec, tmp_path / "nowhere.pth")
+
+
+# --- the commands ---------------------------------------------------------------------------------
+
+
+def test_show_config_and_offline_name_each_weight_file(hub, monkeypatch):
+    monkeypatch.setenv("LDM_OFFLINE", "0")  # restored after `--offline` sets it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    result = CliRunner().invoke(app, ["train-vae", "--show-config", "loss.perceptual_weight=1.0"])
+    assert result.exit_code == 0, result.output
+    vgg = hub / "vgg16-397923af.pth"
+    assert f"# weights: VGG16 (LPIPS backbone): {vgg} (to be downloaded from https://download.pytorch.org/models/vgg16-397923af.pth)" in result.stdout
+    heads = package_file(*HEADS_IN_PACKAGE)
+    assert f"# weights: LPIPS vgg v0.1 heads: {heads} (package)" in result.stdout
+    result = CliRunner().invoke(app, ["train-vae", "--offline", "--show-config", "loss.perceptual_weight=0"])
+    assert "# weights:" not in result.stdout  # no LPIPS term, no weight files
+    result = CliRunner().invoke(app, ["train-diffusion", "--latents", "x", "--offline", "--show-config", "text_encoder=clip_vit_l14"])
+    assert "# weights: text encoder openai/clip-vit-large-patch14:" in result.stdout
+    assert "(missing, and offline: nothing is downloaded)" in result.stdout
+
+
+def _image_folders(root: Path) -> tuple[Path, Path]:
+    generator = np.random.default_rng(0)
+    for name in ("real", "fake"):
+        (root / name).mkdir()
+        for index in range(2):
+            Image.fromarray(generator.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / name / f"{index}.png")
+    return root / "real", root / "fake"
+
+
+def test_eval_samples_offline_refuses_on_one_rank_line(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    real, fake = _image_folders(tmp_path)
+    result = CliRunner().invoke(app, ["eval-samples", "--real", str(real), "--fake", str(fake), "--offline"])
+    assert isinstance(result.exception, MissingWeightsError) and "offline" in str(result.exception)
+    assert "weights: Inception-v3:" in result.stderr and "nothing is downloaded" in result.stderr
+    monkeypatch.setenv("RANK", "1")  # another torchrun process: no start-up line
+    result = CliRunner().invoke(app, ["eval-samples", "--real", str(real), "--fake", str(fake), "--offline"])
+    assert isinstance(result.exception, MissingWeightsError) and "weights:" not in result.stderr
+
+
+@pytest.mark.slow
+def test_eval_samples_fetches_the_fid_weights_once(server, hub, tmp_path, monkeypatch):
+    from ldm_cli.eval.inception import fid_inception_v3, inception_source
+
+    httpd, base = server
+    served = tmp_path / "served.pth"
+    torch.save(fid_inception_v3().state_dict(), served)  # random weights of pytorch-fid's layout
+    httpd.files["/pt_inception-2015-12-05-6726825d.pth"] = served
+    monkeypatch.setenv("LDM_WEIGHTS_MIRROR", base)
+    real, fake = _image_folders(tmp_path)
+    command = ["eval-samples", "--real", str(real), "--fake", str(fake), "--json"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    cached = hub / "pt_inception-2015-12-05-6726825d.pth"
+    assert f"weights: Inception-v3: {cached} (to be downloaded from {base}/pt_inception" in result.stderr
+    assert cached.read_bytes() == served.read_bytes()
+    first = json.loads(result.stdout)
+    assert first["num_real"] == 2 and np.isfinite(first["fid"])
+    assert inception_source().describe() == f"{cached} (cache)"  # what the next run's start-up line says
+    assert httpd.requests == ["/pt_inception-2015-12-05-6726825d.pth"]
+
+
+def test_lpips_backbone_downloads_into_the_torch_cache(server, hub, tmp_path):
+    import torchvision
+
+    from ldm_cli.autoencoder.lpips import VGG16_FILE, load_lpips, vgg16_cache_path
+
+    httpd, base = server
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    served = tmp_path / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, served)
+    spec = dataclasses.replace(VGG16_FILE, url=f"{base}/vgg16.pth", sha256=hashlib.sha256(served.read_bytes()).hexdigest())
+    httpd.files["/vgg16.pth"] = served
+    model = load_lpips(vgg_source=spec)
+    assert vgg16_cache_path().read_bytes() == served.read_bytes()
+    torch.testing.assert_close(model.features[0].weight, features[0].weight)
+    assert httpd.requests == ["/vgg16.pth"]  # the heads came from the lpips package
