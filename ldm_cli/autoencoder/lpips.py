@@ -143,13 +143,13 @@ def _packaged_heads(heads_file: WeightFile) -> Path | None:
 
 
 def lpips_sources(
-    vgg_path: str | None = None, heads_path: str | None = None, vgg_file: WeightFile = VGG16_FILE,
-    heads_file: WeightFile = HEADS_FILE,
+    vgg_path: str | None = None, heads_path: str | None = None, vgg_source: WeightFile = VGG16_FILE,
+    heads_source: WeightFile = HEADS_FILE,
 ) -> list[tuple[str, Resolved]]:
     """(title, where from) of both files, without fetching: for `--show-config` and start-up lines."""
-    packaged = _packaged_heads(heads_file) if heads_path is None else None
-    heads = Resolved(packaged, "package") if packaged else locate(heads_file, heads_path)
-    return [(vgg_file.title, locate(vgg_file, vgg_path)), (heads_file.title, heads)]
+    packaged = _packaged_heads(heads_source) if heads_path is None else None
+    heads = Resolved(packaged, "package") if packaged else locate(heads_source, heads_path)
+    return [(vgg_source.title, locate(vgg_source, vgg_path)), (heads_source.title, heads)]
 
 
 def _layer_index(key: str) -> int:
