@@ -55,6 +55,7 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 500
     keep_last: int = 3
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb (both allowed) or none
 
 
 @dataclass
@@ -221,6 +222,9 @@ def validate(config: Any) -> None:
         _check(train.keep_last > 0, "train.keep_last", "a positive integer", train.keep_last)
         _check(train.ema_decay is None or 0 < train.ema_decay < 1, "train.ema_decay", "null or a number in (0, 1)", train.ema_decay)
         _check(len(train.adam_betas) == 2, "train.adam_betas", "two numbers", train.adam_betas)
+        from ldm_cli.training.trackers import check_log_with
+
+        check_log_with(train.log_with)
         _check(not train.bf16_weights or train.precision in ("auto", "bf16"), "train.bf16_weights",
                "false unless train.precision is bf16 or auto", train.bf16_weights)
     data = getattr(config, "data", None)

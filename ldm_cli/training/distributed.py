@@ -44,3 +44,10 @@ def barrier(info: DistInfo) -> None:
 
 def device_for(device: torch.device, info: DistInfo) -> torch.device:
     return torch.device("cuda", info.local_rank) if device.type == "cuda" and info.enabled else device
+
+
+def env_info() -> DistInfo:
+    """This process's place as torchrun describes it, known before (or without) joining the group."""
+    return DistInfo(
+        int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    )

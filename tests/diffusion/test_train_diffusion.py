@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -134,7 +135,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun_train(latents: Path, out: Path, overrides: list[str]) -> None:
+def torchrun_train(latents: Path, out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
     """`ldm train-diffusion` in two CPU processes under torchrun."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     command = [
@@ -143,6 +144,7 @@ def torchrun_train(latents: Path, out: Path, overrides: list[str]) -> None:
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+    return result
 
 
 @pytest.mark.slow
@@ -150,7 +152,10 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(latents, tmp_p
     common = [*UNET, *TRAIN, "train.max_steps=2", "objective.caption_dropout=0.5"]
     single = load_config("train_diffusion", [*common, "train.batch_size=4"])
     train_unet(single, latents, tmp_path / "single", [*common, "train.batch_size=4"], device_name="cpu")
-    torchrun_train(latents, tmp_path / "ddp", [*common, "train.batch_size=2"])
+    result = torchrun_train(latents, tmp_path / "ddp", [*common, "train.batch_size=2"])
+    # rank 0 alone prints the progress bar and the summary
+    assert result.stdout.count("latent-diffusion bundle:") == 1
+    assert len(re.findall(r"train-diffusion:\s+0%", result.stderr)) == 1
     single_weights, ddp_weights = unet_weights(tmp_path / "single"), unet_weights(tmp_path / "ddp")
     # Adam's m/sqrt(v) turns summation-order noise in a near-zero gradient into a step of up to lr (1e-3)
     # for that one element, so single elements get a fraction of a step; the weights as a whole must agree tightly

@@ -254,15 +254,16 @@ def test_layout_mismatch_and_bad_files(torchvision_weights, tmp_path):
         load_inception(not_inception)
 
 
-def test_missing_weights_name_the_files(hub_dir):
+def test_missing_weights_offline_name_the_file(hub_dir, monkeypatch):
+    monkeypatch.setenv("LDM_OFFLINE", "1")
     with pytest.raises(MissingWeightsError) as error:
         load_inception(None)
     message = str(error.value)
-    assert "\n" not in message
+    assert "\n" not in message and "offline" in message
     checkpoints = hub_dir / "checkpoints"
-    assert str(checkpoints / PYTORCH_FID_FILE) in message and str(checkpoints / TORCHVISION_FILE) in message
-    assert "github.com/mseitzer/pytorch-fid" in message and "download.pytorch.org" in message
-    assert "--inception PATH" in message
+    assert str(checkpoints / PYTORCH_FID_FILE) in message
+    assert "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" in message
+    assert "--inception=/path/to/" in message
     with pytest.raises(MissingWeightsError, match=TORCHVISION_FILE) as error:
         load_inception(None, layout="torchvision")
     assert PYTORCH_FID_FILE not in str(error.value)

@@ -3,6 +3,7 @@ flipped copies, cached text, refusal of another autoencoder, the CLI, and the to
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -271,6 +272,8 @@ def test_torchrun_two_processes_match_one(vae, data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.count("latent dataset:") == 1  # the summary from rank 0 only
+    assert len(re.findall(r"encode:\s+0%", finished.stderr)) == 1
     index = json.loads((out / "index.json").read_text())
     assert index == json.loads((single / "index.json").read_text())
     np.testing.assert_allclose(shard_arrays(out, "mean"), shard_arrays(single, "mean"), atol=1e-6)
