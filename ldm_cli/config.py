@@ -233,6 +233,9 @@ def validate(config: Any) -> None:
     data = getattr(config, "data", None)
     if data is not None:
         _check(data.resolution > 0, "data.resolution", "a positive integer", data.resolution)
+    timeout = getattr(config, "dist_timeout_minutes", None)  # encode's (the trainers' is under train.)
+    if timeout is not None:
+        _check(timeout > 0, "dist_timeout_minutes", "a positive number", timeout)
     objective = getattr(config, "objective", None)
     if objective is not None:
         _check(0 <= objective.caption_dropout < 1, "objective.caption_dropout", "a number in [0, 1)", objective.caption_dropout)
