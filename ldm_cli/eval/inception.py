@@ -12,7 +12,9 @@ Without a path, the file is taken from `torch.hub.get_dir()/checkpoints/` or dow
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -130,6 +132,17 @@ def torchvision_inception_v3() -> Inception3:
 # --- feature extractor -----------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def float32_kernels() -> Iterator[None]:
+    """Turn TF32 off for cuDNN convolutions and cuBLAS matrix products; the settings come back after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class InceptionFeatures(nn.Module):
     """Images `[B, 3, H, W]` in [0, 1] (any size) → pool3 features `[B, 2048]` (float32)."""
 
@@ -154,8 +167,9 @@ class InceptionFeatures(nn.Module):
         return super().train(False)
 
     def forward(self, images: Tensor) -> Tensor:
-        # features are compared across runs, so they are always computed in float32
-        with torch.autocast(device_type=images.device.type, enabled=False):
+        # features are compared across runs and with pytorch-fid, so they are always computed in
+        # float32: no autocast, and no TF32 in cuDNN's convolutions or cuBLAS's products on a GPU
+        with torch.autocast(device_type=images.device.type, enabled=False), float32_kernels():
             x = images.float()
             if x.shape[-2:] != (INCEPTION_INPUT_SIZE, INCEPTION_INPUT_SIZE):
                 x = F.interpolate(x, size=(INCEPTION_INPUT_SIZE, INCEPTION_INPUT_SIZE), mode="bilinear", align_corners=False)

@@ -22,8 +22,9 @@ from ldm_cli.training.trackers import Trackers
 
 
 class Trainer(Protocol):
-    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, float]:
-        """One optimiser step over `grad_accum_steps` micro-batches; returns scalar metrics."""
+    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor | float]:
+        """One optimiser step over `grad_accum_steps` micro-batches; returns scalar metrics, as 0-d device
+        tensors where they are computed (the loop reads them only every `log_every` steps: no host sync)."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -98,6 +99,7 @@ def train_loop(
                 batch_in_epoch += config.grad_accum_steps
                 progress.update(1)
                 if step % config.log_every == 0 or step == config.max_steps:
+                    metrics = {k: float(v) for k, v in metrics.items()}
                     progress.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "rec", "psnr")})
                     logger.log(step, metrics, "train/")
                     trackers.log(step, metrics, "train/")

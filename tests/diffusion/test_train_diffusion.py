@@ -241,3 +241,34 @@ def test_bf16_weights_are_refused_for_the_autoencoder():
 
     with pytest.raises(ConfigError, match="train.bf16_weights"):  # not a key of the autoencoder's train configs
         load_config("train_vae", ["train.bf16_weights=true"])
+
+
+def test_caption_memo_stays_in_host_memory(latents):
+    """Embeddings memoised for 50,000 captions would fill a GPU; only each batch travels to the device."""
+    from ldm_cli.diffusion.text import TextEncoderConfig, load_text_encoder
+    from ldm_cli.diffusion.train import TextConditioning
+
+    encoder = load_text_encoder(TextEncoderConfig(tiny=True, max_length=16))
+    conditioning = TextConditioning(encoder, torch.device("meta"))  # stands in for a GPU
+    context = conditioning({"caption": ["a red circle", "a blue square"]}, torch.ones(2, dtype=torch.bool, device="meta"))
+    assert context.device.type == "meta" and context.shape == (2, 16, 32)
+    assert {value.device.type for value in conditioning.memo.values()} == {"cpu"}
+
+
+def test_train_step_metrics_stay_on_the_device(latents, tmp_path):
+    """Reading a GPU scalar blocks until the GPU is idle: the step leaves that to the loop's log_every."""
+    from ldm_cli.autoencoder.load import load_autoencoder
+    from ldm_cli.diffusion.text import load_text_encoder
+    from ldm_cli.diffusion.train import DiffusionTrainer, TextConditioning
+    from ldm_cli.latents.dataset import LatentDataset, collate_latents
+    from ldm_cli.training.distributed import DistInfo
+
+    config = load_config("train_diffusion", [*UNET, *TRAIN, "train.grad_clip=1.0"])
+    data = LatentDataset(latents)
+    config.unet.cross_attention_dim = 32
+    cpu = torch.device("cpu")
+    conditioning = TextConditioning(load_text_encoder(config.text_encoder), cpu, data.uncond_text())
+    trainer = DiffusionTrainer(config, data, load_autoencoder(data.autoencoder_path), conditioning, cpu, DistInfo())
+    metrics = trainer.train_step([collate_latents([data[i] for i in range(4)])], step=0)
+    assert isinstance(metrics["loss"], torch.Tensor) and metrics["loss"].dim() == 0
+    assert isinstance(metrics["grad_norm"], torch.Tensor) and metrics["grad_norm"].dim() == 0

@@ -356,3 +356,25 @@ def test_compute_fid_kid_folder_errors(tmp_path):
     (tmp_path / "broken" / "b.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="cannot read image"):
         compute_fid_kid(tmp_path / "real", tmp_path / "broken", _MeanColour(), batch_size=2)
+
+
+def test_inception_features_use_true_float32_kernels():
+    """TF32 convolutions on a GPU would move FID away from pytorch-fid's; the forward turns it off
+    and restores the caller's settings."""
+    from ldm_cli.eval.inception import InceptionFeatures
+
+    net = fid_inception_v3()
+    seen = []
+    net.Conv2d_1a_3x3.register_forward_pre_hook(
+        lambda module, args: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+    )
+    features = InceptionFeatures(net, "pytorch-fid")
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with torch.no_grad():
+            features(torch.rand(1, 3, 75, 75))
+        assert seen == [(False, False)]
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
