@@ -1,17 +1,12 @@
-"""softmax(q kᵀ / √d) v, with the kernel chosen for the hardware (shared by the U-Net and the autoencoder).
+"""softmax(q kᵀ / √d) v, with the kernel chosen for the hardware (the CPU backend's attention and the
+autoencoder's).
 
 `F.scaled_dot_product_attention` is the right call almost everywhere: flash/memory-efficient kernels
-on CUDA, and a flash kernel on the CPU that never materialises the score matrix. One exception,
-measured by `scripts/bench_attention.py`: on the CPU in bf16/fp16, the flash kernel is 1.3–7× slower
-(forward and backward) than two plain batched matmuls while the score matrix is small — the shapes
-of small U-Nets, low-resolution levels and all text cross-attention at CPU sizes. There the scores
-are formed explicitly (softmax in fp32, for accuracy); past `EXPLICIT_MAX_SCORES` scores per head,
-and in fp32, the fused kernel is as fast or faster and bounded in memory. At the smallest sizes (few
-batch x heads, a few thousand scores: batch-1 sampling at low resolution) the explicit form's five
-ops cost more in fixed overhead than the fused forward, which then wins when no backward follows.
-(Alone, a small fp32 text cross-attention's forward + backward runs up to 1.3x faster explicit; in
-the tiny and small U-Nets' training steps, explicit fp32 attention up to 2**14 scores per head was
-1-3% slower, so fp32 stays fused.)
+on CUDA, and a flash kernel on the CPU that never materialises the score matrix. The exception: on the
+CPU in bf16/fp16 the flash kernel is several times slower than two plain batched matmuls while the
+score matrix is small (small U-Nets, low-resolution levels, text cross-attention), so there the scores
+are formed explicitly (softmax in fp32, for accuracy), except for the smallest forward-only calls,
+where the explicit form's fixed overhead costs more. `scripts/bench_attention.py` measures each shape.
 """
 
 from __future__ import annotations

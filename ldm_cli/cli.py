@@ -15,6 +15,7 @@ import typer
 
 from ldm_cli import __version__
 from ldm_cli.errors import LdmError, UsageError
+from ldm_cli.sampling.settings import SamplingSettings
 
 app = typer.Typer(
     help="Train and sample latent diffusion models: images → autoencoder → latents → U-Net → samples.",
@@ -244,9 +245,9 @@ PROMPT_FILE = typer.Option(None, "--prompt-file", help="A text file with one pro
 NEGATIVE_PROMPT = typer.Option("", "--negative-prompt", help="What to steer away from (the unconditional branch).")
 NUM_IMAGES = typer.Option(1, "-n", "--num-images", help="Images per prompt (img2img: per prompt and init image).")
 BATCH_SIZE = typer.Option(1, "--batch-size", help="Images per forward pass: faster on a GPU; pixels then match batch size 1 up to rounding.")
-STEPS = typer.Option(30, "--steps", help="Sampling steps.")
-GUIDANCE = typer.Option(7.5, "--guidance-scale", help="Classifier-free guidance scale; 1 turns guidance off.")
-SAMPLER = typer.Option("dpmpp_2m", "--sampler", help="ddim | ddpm | euler | euler_ancestral | heun | dpmpp_2m | dpmpp_2m_sde")
+STEPS = typer.Option(SamplingSettings.steps, "--steps", help="Sampling steps.")
+GUIDANCE = typer.Option(SamplingSettings.guidance_scale, "--guidance-scale", help="Classifier-free guidance scale; 1 turns guidance off.")
+SAMPLER = typer.Option(SamplingSettings.sampler, "--sampler", help="Sampler: ddim | ddpm | euler | euler_ancestral | heun | dpmpp_2m | dpmpp_2m_sde (the registry in sampling/samplers.py).")
 SEED = typer.Option(0, "--seed", help="Image i of the run uses seed SEED+i; a negative seed picks one at random.")
 HEIGHT = typer.Option(None, "--height", help="Pixels; a multiple of the autoencoder's factor. Default: the model's resolution.")
 WIDTH = typer.Option(None, "--width", help="Pixels; a multiple of the autoencoder's factor. Default: the model's resolution.")

@@ -112,7 +112,11 @@ class SampleConfig:
     timestep_spacing: str = "trailing"  # leading | trailing | linspace
     tile_decode_above: int = 1024  # decode in tiles when the image side exceeds this many pixels
     tile_latent_size: int = 64
-    compile: bool = False  # torch.compile the U-Net: ~1 min to compile on a CPU, then 1.1-1.3x faster steps
+    compile: bool = False  # torch.compile the U-Net: a one-time compilation, then faster steps (docs/benchmarks.md)
+    # bounds on untrusted sizes and counts (options, replayed PNG metadata); raise them for big jobs
+    max_steps: int = 1000
+    max_side: int = 4096
+    max_batch_size: int = 256
 
 
 SCHEMAS: dict[str, type] = {

@@ -15,6 +15,7 @@ right before the measured call, after returning freed heap pages to the system (
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import ctypes
 import gc
@@ -22,6 +23,7 @@ import multiprocessing
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,8 @@ from typing import Any, Callable
 import torch
 
 MiB = 2**20
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "benchmarks.md"
 PRECISIONS = ("fp32", "bf16")
 
 # A case builder makes everything one case needs and returns the call to measure (a closure holding it).
@@ -57,6 +61,8 @@ def add_common_arguments(
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--markdown", nargs="?", const=str(DOCS), default=None, metavar="FILE",
+                        help=f"also write this run's report as the script's section of FILE (default {DOCS.relative_to(ROOT)})")
 
 
 def precisions(choice: str) -> list[str]:
@@ -72,7 +78,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """Threads, device, and a header saying what this run measures on."""
+    """Threads, device, and a header saying what this run measures on; with --markdown, everything printed
+    from here on also goes to the script's section of the markdown file when the script ends."""
+    if getattr(args, "markdown", None):
+        _record_markdown(Path(args.markdown))
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -109,9 +118,12 @@ def _load_average() -> float | None:
 def print_environment(device: torch.device) -> None:
     import diffusers
 
+    from ldm_cli import __version__
+
     busy = _load_average()
     load = "" if busy is None else f", load average {busy:.1f}"
-    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}")
+    print(f"ldm {__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}; "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"cpu: {_cpu_name()} ({os.cpu_count()} cores, {_cpu_bf16()}{load}); torch threads: {torch.get_num_threads()}")
     if device.type == "cpu" and busy is not None and busy + torch.get_num_threads() > (os.cpu_count() or 1) + 0.5:
         print(f"warning: load average {busy:.1f} on {os.cpu_count()} cores: other processes compete for the cores, so "
@@ -287,11 +299,6 @@ def ratio(numerator: float | None, denominator: float | None) -> str:
     return f"{numerator / denominator:.2f}x"
 
 
-def verdict(value: float, target: float, at_least: bool = True) -> str:
-    met = value >= target if at_least else value <= target
-    return f"{'met' if met else 'NOT met'} (target {'>=' if at_least else '<='} {target:g})"
-
-
 def mib(peak: int | None) -> str:
     return "n/a" if peak is None else f"{peak / MiB:.0f}"
 
@@ -310,3 +317,50 @@ def matmul_call(device: torch.device, dtype: torch.dtype, size: int = 2048) -> t
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     return (lambda: torch.mm(a, b)), 2 * size**3
+
+
+# --------------------------------------------------------------------------------------- markdown
+
+
+class _Tee:
+    """stdout that also keeps what is written."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.parts = stream, []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _record_markdown(path: Path) -> None:
+    tee = _Tee(sys.stdout)
+    sys.stdout = tee
+    script = Path(sys.argv[0]).name
+    command = " ".join(["python", f"scripts/{script}", *sys.argv[1:]])
+    atexit.register(lambda: write_markdown_section(path, script, command, "".join(tee.parts)))
+
+
+def write_markdown_section(path: Path, script: str, command: str, report: str) -> None:
+    """Put `report` as `script`'s section of the markdown file `path`, replacing that script's earlier section;
+    the other scripts' sections stay."""
+    start, end = f"<!-- {script} -->", f"<!-- /{script} -->"
+    section = f"{start}\n## {script}\n\n`{command}`\n\n```text\n{report.strip()}\n```\n{end}"
+    text = path.read_text(encoding="utf-8") if path.is_file() else (
+        "# Benchmarks\n\nWritten by the bench scripts themselves (`--markdown`); each section is the full report "
+        "of the last run of one script, with its command, versions, CPU and date. Ratios are against diffusers on "
+        "identical weights, measured in the same run.\n"
+    )
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    sys.__stdout__.write(f"wrote the report to {path}\n")

@@ -38,13 +38,16 @@ from ldm_cli.config import to_dict  # noqa: E402
 from ldm_cli.diffusion.load import LatentDiffusion, load_latent_diffusion, write_latent_diffusion_bundle  # noqa: E402
 from ldm_cli.diffusion.schedule import ScheduleConfig  # noqa: E402
 from ldm_cli.diffusion.text import TextEncoder, TextEncoderConfig, load_text_encoder, save_text_encoder  # noqa: E402
+from ldm_cli.backends.cpu import FusedSelfAttention, optimize_for_cpu_inference  # noqa: E402
+from ldm_cli.backends.guided import CachedTimeProjection  # noqa: E402
 from ldm_cli.diffusion.transformer import TransformerBlock  # noqa: E402
 from ldm_cli.diffusion.unet import UNet  # noqa: E402
 from ldm_cli.diffusion.unet_config import UNetConfig  # noqa: E402
 from ldm_cli.eval.metrics import psnr  # noqa: E402
 from ldm_cli.sampling.denoiser import get_sigmas  # noqa: E402
-from ldm_cli.sampling.pipeline import ImageJob, SamplingPipeline, SamplingSettings, initial_noise  # noqa: E402
-from ldm_cli.sampling.prepack import prepack_for_cpu  # noqa: E402
+from ldm_cli.noise import initial_noise  # noqa: E402
+from ldm_cli.sampling.pipeline import ImageJob, SamplingPipeline  # noqa: E402
+from ldm_cli.sampling.settings import SamplingSettings  # noqa: E402
 
 LATENT_SCALE = 0.18215  # SD's; diffusers' vae.config.scaling_factor is set to the same
 SPACING = "leading"  # diffusers' DDIMScheduler with SD's steps_offset=1
@@ -220,7 +223,8 @@ def layers_as_matmuls(call: Callable[[], Any], unet: torch.nn.Module, dtype: tor
         outputs = layer.weight.shape[0]
         shapes.append((output.numel() // outputs, layer.weight[0].numel(), outputs))
 
-    hooks = [layer.register_forward_hook(record) for layer in unet.modules() if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear))]
+    layers = [m for m in unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not isinstance(m, CachedTimeProjection)]
+    hooks = [layer.register_forward_hook(record) for layer in layers]
     call()
     for hook in hooks:
         hook.remove()
@@ -228,7 +232,7 @@ def layers_as_matmuls(call: Callable[[], Any], unet: torch.nn.Module, dtype: tor
     layers = torch.nn.ModuleList(torch.nn.Linear(inner, outputs, bias=False, device=device, dtype=dtype) for _, inner, outputs in shapes)
     inputs = [torch.randn(rows, inner, device=device, dtype=dtype) for rows, inner, _ in shapes]
     if device.type == "cpu":
-        prepack_for_cpu(layers)
+        optimize_for_cpu_inference(layers)
 
     def run() -> None:
         for layer, rows in zip(layers, inputs):
@@ -257,13 +261,13 @@ def unet_forwards(
     def pipeline_call(pipeline: SamplingPipeline) -> Callable[[], Any]:
         # our pipeline's U-Net call as it samples: weights in the compute dtype, channels_last (packed for
         # oneDNN on the CPU), the text's cross-attention keys and values and the step's time projections
-        # computed once per image, and the latent once for both texts (the layers before the first
+        # computed once per run, and the latent once for both texts (the layers before the first
         # cross-attention run once)
+        sigma = pipeline.denoiser.t_to_sigma(t[:1]).cpu()
         with torch.inference_mode():
-            text = pipeline._project_text(context)
-            times = pipeline._project_time(pipeline.denoiser.t_to_sigma(t[:1]))  # empty with compile=true
-        time = next(iter(times.values()), None)
-        return lambda: pipeline.denoiser.model_fn(x[: payload.batch_size], t[: payload.batch_size], text, time)
+            pipeline.begin_run(context, torch.cat([sigma, sigma.new_zeros(1)]))
+        key = float(sigma[0])
+        return lambda: pipeline._unet(x[: payload.batch_size], t[: payload.batch_size], key, context)
 
     with torch.inference_mode():
         for precision in precisions:
@@ -273,7 +277,7 @@ def unet_forwards(
             flops[name] = bench.count_flops(pipeline_call(plain))
             for block in plain.model.unet.modules():
                 if isinstance(block, TransformerBlock):
-                    block.attn1.fuse_qkv()  # the shapes packed sampling runs
+                    block.attn1 = FusedSelfAttention(block.attn1)  # the shapes packed sampling runs
             matmuls = f"ours U-Net layers as matmuls {precision}"
             calls[matmuls], flops[matmuls] = layers_as_matmuls(pipeline_call(plain), plain.model.unet, plain.unet_dtype)
             del plain
@@ -284,7 +288,7 @@ def unet_forwards(
             precision = name.split(" ")[1]
             calls[f"ours U-Net {precision} compiled"] = pipeline_call(pipeline)
             flops[f"ours U-Net {precision} compiled"] = flops[f"ours U-Net {precision}"]
-    for precision in sorted({"fp32", *precisions}, reverse=True):  # fp32: the reference of the fp32 target
+    for precision in sorted({"fp32", *precisions}, reverse=True):  # fp32: the reference of every share
         matmul, matmul_flops = bench.matmul_call(device, {"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
         calls[f"matmul 2048^3 {precision}"] = matmul
         flops[f"matmul 2048^3 {precision}"] = matmul_flops
@@ -303,7 +307,9 @@ def main() -> None:
                         help="DDIM steps per image (default 20)")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--compile", action="store_true",
-                        help="also time ours with compile=true (torch.compile; compiles once, about a minute on a CPU)")
+                        help="also time ours with compile=true (torch.compile; compiles once, reported separately)")
+    parser.add_argument("--forward-repeats", type=int, default=FORWARD_REPEATS,
+                        help=f"measured calls per case of the U-Net forward table (default {FORWARD_REPEATS})")
     parser.add_argument("--memory-steps", type=int, default=2,
                         help="DDIM steps of the memory measurement's call (the peak does not grow with steps; default 2)")
     args = parser.parse_args()
@@ -341,7 +347,7 @@ def main() -> None:
         forwards, flops = unet_forwards(payload, device, chosen, compiled_pipelines)
         del compiled_pipelines
         with torch.inference_mode():
-            forward_timings = bench.interleaved_timings(forwards, max(repeats, FORWARD_REPEATS), 1, device)
+            forward_timings = bench.interleaved_timings(forwards, max(repeats, args.forward_repeats), 1, device)
         del forwards
         memory: dict = {}
         if not args.no_memory:
@@ -352,7 +358,9 @@ def main() -> None:
     report(payload, names + compiled, timings, images, memory, device)
     report_compilation(payload, compile_seconds, timings)
     report_gflops(forward_timings, flops)
-    report_targets(names + compiled, timings, images, memory, forward_timings, flops, device)
+    report_summary(names + compiled, timings, images, memory, forward_timings, flops)
+    if device.type == "cpu":
+        print("note: on a shared CPU these timings are noisy; rerun with more --repeats before drawing conclusions")
 
 
 def image_psnr(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
@@ -409,38 +417,22 @@ def report_gflops(timings: dict, flops: dict[str, int]) -> None:
     bench.print_table(["call", "ms", "GFLOP", "GFLOP/s", "of matmul at its precision"], rows)
 
 
-def report_targets(names, timings, images, memory, forward_timings, flops, device) -> None:
-    print("\ntargets" + (" (stated for the CPU)" if device.type != "cpu" else "") + ":")
-    if "ours fp32" in timings and "diffusers fp32" in timings:
-        relative = timings["ours fp32"].median / timings["diffusers fp32"].median
-        match = image_psnr(images["ours fp32"], images["diffusers fp32"])
-        print(f"  ours fp32 time / diffusers fp32: {relative:.2f}  {bench.verdict(relative, 0.8, at_least=False)}; "
-              f"output PSNR vs diffusers {match:.1f} dB")
-    if "ours bf16" in timings and "diffusers fp32" in timings:
-        relative = timings["ours bf16"].median / timings["diffusers fp32"].median
-        print(f"  ours bf16 time / diffusers fp32: {relative:.2f}  {bench.verdict(relative, 0.5, at_least=False)}")
-    for name in (n for n in names if n.endswith("compiled")):
-        relative = timings[name].median / timings["diffusers fp32"].median
-        target = 0.8 if " fp32 " in name else 0.5
-        print(f"  {name} time / diffusers fp32: {relative:.2f}  {bench.verdict(relative, target, at_least=False)} "
-              f"(after compiling; PSNR vs {name.removesuffix(' compiled')} {image_psnr(images[name], images[name.removesuffix(' compiled')]):.1f} dB)")
+def report_summary(names, timings, images, memory, forward_timings, flops) -> None:
+    print("\nsummary (time ratios: lower is faster):")
+    for name in names:
+        if name.startswith("ours") and "diffusers fp32" in timings:
+            relative = timings[name].median / timings["diffusers fp32"].median
+            print(f"  {name} time / diffusers fp32: {relative:.2f}; output PSNR vs diffusers fp32 "
+                  f"{image_psnr(images[name], images['diffusers fp32']):.1f} dB")
     if "ours bf16" in images and "ours fp32" in images:
-        quality = image_psnr(images["ours bf16"], images["ours fp32"])
-        print(f"  ours bf16 output vs ours fp32: {quality:.1f} dB  {bench.verdict(quality, 30)}")
+        print(f"  ours bf16 output vs ours fp32: {image_psnr(images['ours bf16'], images['ours fp32']):.1f} dB")
     for name in names:
         if name.startswith("ours") and memory.get(name) and memory.get(name.replace("ours", "diffusers")):
-            relative = memory[name] / memory[name.replace("ours", "diffusers")]
-            print(f"  {name} peak memory / diffusers': {relative:.2f}  {bench.verdict(relative, 1.0, at_least=False)}")
-    if "ours U-Net fp32" in forward_timings:
-        share = gflops(forward_timings, flops, "ours U-Net fp32") / gflops(forward_timings, flops, "matmul 2048^3 fp32")
-        print(f"  ours fp32 U-Net forward vs fp32 matmul: {100 * share:.0f}%  {bench.verdict(100 * share, 75)}")
-        layers = gflops(forward_timings, flops, "ours U-Net layers as matmuls fp32") / gflops(forward_timings, flops, "matmul 2048^3 fp32")
-        print(f"    (for reference, no target: its layers' shapes as plain packed matmuls reach {100 * layers:.0f}%)")
-    if "ours U-Net fp32 compiled" in forward_timings:
-        share = gflops(forward_timings, flops, "ours U-Net fp32 compiled") / gflops(forward_timings, flops, "matmul 2048^3 fp32")
-        print(f"  ours fp32 compiled U-Net forward vs fp32 matmul: {100 * share:.0f}%  {bench.verdict(100 * share, 75)}")
-    if device.type == "cpu":
-        print("note: on a shared CPU these timings are noisy; rerun with more --repeats before drawing conclusions")
+            print(f"  {name} peak memory / diffusers': {memory[name] / memory[name.replace('ours', 'diffusers')]:.2f}")
+    for name in ("ours U-Net fp32", "ours U-Net fp32 compiled", "ours U-Net layers as matmuls fp32"):
+        if name in forward_timings:
+            share = gflops(forward_timings, flops, name) / gflops(forward_timings, flops, "matmul 2048^3 fp32")
+            print(f"  {name} GFLOP/s vs a 2048^3 fp32 matmul: {100 * share:.0f}%")
 
 
 if __name__ == "__main__":

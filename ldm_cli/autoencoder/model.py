@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ldm_cli.attention import attention
+from ldm_cli.checkpointing import run_checkpointed
 
 NORM_EPS = 1e-6  # every GroupNorm in the SD autoencoder uses this eps
 
@@ -174,13 +174,6 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
-def _run_block(block: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
-    # recompute activations in backward instead of storing them (trades compute for memory)
-    if use_checkpoint and torch.is_grad_enabled():
-        return checkpoint(block, x, use_reentrant=False)
-    return block(x)
-
-
 class Encoder(nn.Module):
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
@@ -201,7 +194,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for block in (*self.down_blocks, self.mid_block):
-            h = _run_block(block, h, self.gradient_checkpointing)
+            h = run_checkpointed(block, self.gradient_checkpointing, h)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 
@@ -225,7 +218,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
         for block in (self.mid_block, *self.up_blocks):
-            h = _run_block(block, h, self.gradient_checkpointing)
+            h = run_checkpointed(block, self.gradient_checkpointing, h)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 

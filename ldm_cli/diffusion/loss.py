@@ -38,22 +38,3 @@ def diffusion_loss(
         return per_sample.mean()
     weight = min_snr_weight(schedule.snr(t.to(per_sample.device)), min_snr_gamma, schedule.prediction_type)
     return (weight * per_sample).mean()
-
-
-def sample_noise(x0: torch.Tensor, offset_noise: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """ε ~ N(0, I) for x0's shape, plus offset noise (Guttenberg 2023): offset · N(0, 1) per (sample, channel).
-
-    The per-channel constant lets the model learn to change an image's mean brightness.
-    """
-    if offset_noise < 0:
-        raise ConfigError(f"offset_noise must be >= 0 (0.05–0.1 is typical), got {offset_noise}")
-    noise = _randn(x0.shape, x0, generator)
-    if offset_noise > 0:
-        noise = noise + offset_noise * _randn((*x0.shape[:2], *([1] * (x0.ndim - 2))), x0, generator)
-    return noise
-
-
-def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    # draw on the generator's device, then move: a CPU generator gives the same noise on any device
-    device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)

@@ -14,6 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder
+from ldm_cli.backends.cpu import optimize_for_cpu
 from ldm_cli.config import TrainDiffusionConfig, from_dict, to_dict
 from ldm_cli.diffusion.load import load_latent_diffusion, text_encoder_config, write_latent_diffusion_bundle
 from ldm_cli.diffusion.loss import diffusion_loss
@@ -24,6 +25,7 @@ from ldm_cli.errors import IncompatibleError
 from ldm_cli.grid import labelled_grid, save_image
 from ldm_cli.latents.dataset import LatentDataset, collate_latents
 from ldm_cli.sampling.denoiser import Denoiser, get_sigmas
+from ldm_cli.sampling.guidance import guide
 from ldm_cli.sampling.samplers import sample_ddim
 from ldm_cli.training.distributed import DistInfo, device_for, distributed, on_main
 from ldm_cli.training.ema import EMA
@@ -84,6 +86,8 @@ class DiffusionTrainer:
         self.schedule = NoiseSchedule(config.schedule).to(device)
         torch.manual_seed(train.seed)
         self.unet = UNet(config.unet)
+        if device.type == "cpu":
+            optimize_for_cpu(self.unet)  # CPU kernels; parameters and state-dict keys stay
         if init_weights is not None:
             self.unet.load_state_dict(init_weights)
         self.unet.to(device, memory_format=self.memory_format)
@@ -197,14 +201,12 @@ class DiffusionTrainer:
         context = self.conditioning.encode(prompts).to(self.device)
         uncond = self.conditioning.uncond.expand_as(context)
         scale = objective.validation_guidance_scale
-        with autocast(self.precision, self.device):
-            text = unet.project_text(torch.cat([uncond, context]))  # once for all steps
+        text = torch.cat([uncond, context])
 
         def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with autocast(self.precision, self.device):
-                both = unet(x, t, text).float()  # x once, both texts: [uncond, cond] outputs
-            unconditional, conditional = both.chunk(2)
-            return unconditional + scale * (conditional - unconditional)
+                both = unet(torch.cat([x, x]), torch.cat([t, t]), text).float()  # [uncond, cond] outputs
+            return guide(*both.chunk(2), scale)
 
         denoise = Denoiser(guided, self.schedule)
         sigmas = get_sigmas(self.schedule, objective.validation_steps, spacing="trailing").to(self.device)

@@ -7,23 +7,21 @@ with a strict `load_state_dict` both ways. The network predicts the noise (or v)
     conv_in -> down blocks (resnets [+ spatial transformers], downsample) -> mid block
             -> up blocks (concat skip, resnets [+ spatial transformers], upsample) -> conv_out
 
-The text may hold n times as many rows as the sample (classifier-free guidance: one latent, the
-[uncond, cond] texts). The batch then widens where the text first enters, at the first spatial
-transformer: the layers before it see the same input for all n texts and run once, not n times.
+This file is the architecture only. Speed for sampling (text keys/values and time projections
+computed once per run, guidance halves sharing the layers before the text) and CPU kernels live in
+`ldm_cli/backends/`, which swap modules of this model by type without changing its parameters.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Union
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm_cli.diffusion.layers import GroupNorm, run_checkpointed, widen
-from ldm_cli.diffusion.transformer import Attention, Context, SpatialTransformer, TextKeysValues, TransformerBlock, text_batch
+from ldm_cli.checkpointing import run_checkpointed
+from ldm_cli.diffusion.transformer import SpatialTransformer
 from ldm_cli.diffusion.unet_config import UNetConfig
 
 
@@ -54,41 +52,22 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(features)))
 
 
-class TimeProjections(NamedTuple):
-    """Every resnet's projection of the time embedding for one timestep (`UNet.project_time`).
-
-    A sampling run visits a fixed list of timesteps, so these can be computed for all its steps together,
-    reading each resnet's projection matrix once per run instead of at every step: 3.5-5% of a `small`
-    U-Net forward at CPU sizes (scripts/bench_sample.py). `UNet.forward` takes this or the timestep."""
-
-    layers: tuple[Tensor, ...]  # [1 or B, C, 1, 1] per resnet, in the order of UNet._resnets()
-
-
-Time = Union[Tensor, float, int, TimeProjections]
-
-
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with the time embedding added between, plus a skip."""
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float) -> None:
         super().__init__()
-        self.time_index = -1  # this block's place in TimeProjections.layers (set by UNet)
-        self.norm1 = GroupNorm(groups, in_channels, eps=eps)
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # a 1x1 conv only where the width changes, as diffusers (no params otherwise)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def project_time(self, temb: Tensor) -> Tensor:
-        """The time embedding [B, temb_channels] as a per-channel bias [B, C, 1, 1] of the first conv's output."""
-        return self.time_emb_proj(F.silu(temb))[:, :, None, None]
-
-    def forward(self, x: Tensor, temb: Tensor | TimeProjections) -> Tensor:
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        time_bias = temb.layers[self.time_index] if isinstance(temb, TimeProjections) else self.project_time(temb)
-        h = h + (time_bias if time_bias.shape[0] == 1 else widen(time_bias, h.shape[0]))  # one row broadcasts
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # the time embedding as a per-channel bias
         h = self.conv2(F.silu(self.norm2(h)))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
@@ -153,7 +132,7 @@ class DownBlock(nn.Module):
         )
         self.downsamplers = nn.ModuleList([Downsample(out_channels)] if downsample else [])
 
-    def forward(self, x: Tensor, temb: Tensor | TimeProjections, context: Context) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Returns the output and every intermediate the up path will concatenate back."""
         skips = []
         for j, resnet in enumerate(self.resnets):
@@ -176,7 +155,7 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList([spec.transformer(channels, heads, transformer_layers)])
         self.resnets = nn.ModuleList([spec.resnet(channels, channels) for _ in range(2)])
 
-    def forward(self, x: Tensor, temb: Tensor | TimeProjections, context: Context) -> Tensor:
+    def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> Tensor:
         x = run_checkpointed(self.resnets[0], self.use_checkpoint, x, temb)
         for transformer, resnet in zip(self.attentions, self.resnets[1:]):
             x = run_checkpointed(resnet, self.use_checkpoint, transformer(x, context), temb)
@@ -205,12 +184,12 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample(out_channels)] if upsample else [])
 
     def forward(
-        self, x: Tensor, skips: list[Tensor], temb: Tensor | TimeProjections, context: Context,
+        self, x: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor,
         upsample_size: tuple[int, int] | None,
     ) -> Tensor:
         """`skips` in the order they are consumed (most recent first)."""
         for j, (resnet, skip) in enumerate(zip(self.resnets, skips, strict=True)):
-            x = run_checkpointed(resnet, self.use_checkpoint, torch.cat([x, widen(skip, x.shape[0])], dim=1), temb)
+            x = run_checkpointed(resnet, self.use_checkpoint, torch.cat([x, skip], dim=1), temb)
             if self.attentions:
                 x = self.attentions[j](x, context)
         for upsampler in self.upsamplers:
@@ -219,8 +198,8 @@ class UpBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps/v-prediction U-Net: forward(sample [B,C,H,W], timestep, encoder_hidden_states [n·B,L,D] or the
-    `project_text` of it) -> [n·B,C,H,W]; n = 1 in training, 2 for classifier-free guidance."""
+    """eps/v-prediction U-Net: forward(sample [B,C,H,W], timestep [B] or a scalar, encoder_hidden_states
+    [B,L,D]) -> [B,C,H,W]."""
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -261,12 +240,8 @@ class UNet(nn.Module):
                 transformer_layers=transformer_layers[level], upsample=i < last,
             ))
 
-        self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
-        for index, layer in enumerate(self._cross_attentions()):
-            layer.context_index = index
-        for index, resnet in enumerate(self._resnets()):
-            resnet.time_index = index
 
     @property
     def downsample_factor(self) -> int:
@@ -275,43 +250,17 @@ class UNet(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _cross_attentions(self) -> list[Attention]:
-        return [module.attn2 for module in self.modules() if isinstance(module, TransformerBlock)]
-
-    def _resnets(self) -> list[ResnetBlock]:
-        return [module for module in self.modules() if isinstance(module, ResnetBlock)]
-
-    def _time_embedding(self, timestep: Tensor | float | int, batch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        timesteps = torch.as_tensor(timestep, device=device)
-        timesteps = timesteps.reshape(-1).expand(batch)  # a scalar applies to the whole batch
+    def time_embedding_of(self, timestep: Tensor | float | int, batch: int, dtype: torch.dtype) -> Tensor:
+        """The time embedding [batch, 4·C0] of the timesteps [batch] (a scalar applies to the whole batch)."""
+        device = self.conv_in.weight.device
+        timesteps = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
         time_features = timestep_embedding(
             timesteps, self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift
         )
         return self.time_embedding(time_features.to(dtype))
 
-    def project_time(self, timestep: Tensor | float | int, dtype: torch.dtype) -> TimeProjections:
-        """Every resnet's time bias for the timesteps [B] (or one scalar), to pass as `timestep` to forwards
-        of samples of dtype `dtype` at those timesteps; the outputs are the same as with the timestep."""
-        batch = torch.as_tensor(timestep).numel()
-        temb = self._time_embedding(timestep, batch, dtype, self.conv_in.bias.device)
-        return TimeProjections(tuple(resnet.project_time(temb) for resnet in self._resnets()))
-
-    def project_text(self, encoder_hidden_states: Tensor) -> TextKeysValues:
-        """The text's keys and values for every cross-attention layer, to pass as `encoder_hidden_states`
-        to many forwards with the same text (sampling); the outputs are the same as with the text itself."""
-        return TextKeysValues(tuple(layer.keys_values(encoder_hidden_states) for layer in self._cross_attentions()))
-
-    def forward(self, sample: Tensor, timestep: Time, encoder_hidden_states: Context) -> Tensor:
-        text_rows = text_batch(encoder_hidden_states)
-        if text_rows % sample.shape[0]:
-            raise ValueError(f"the text's batch ({text_rows}) must be a multiple of the sample's ({sample.shape[0]})")
-        if isinstance(timestep, TimeProjections):
-            if timestep.layers[0].shape[0] not in (1, sample.shape[0]):
-                raise ValueError(f"time projections of {timestep.layers[0].shape[0]} timesteps for {sample.shape[0]} samples")
-            temb: Tensor | TimeProjections = timestep
-        else:
-            temb = self._time_embedding(timestep, sample.shape[0], sample.dtype, sample.device)
-
+    def forward(self, sample: Tensor, timestep: Tensor | float | int, encoder_hidden_states: Tensor) -> Tensor:
+        temb = self.time_embedding_of(timestep, sample.shape[0], sample.dtype)
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:

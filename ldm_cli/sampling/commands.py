@@ -30,14 +30,8 @@ from ldm_cli.diffusion.load import LatentDiffusion, load_latent_diffusion
 from ldm_cli.errors import DataError, UsageError
 from ldm_cli.grid import make_grid
 from ldm_cli.sampling.metadata import png_info, read_metadata
-from ldm_cli.sampling.pipeline import (
-    DEFAULT_SAMPLER,
-    ImageJob,
-    InitLatent,
-    SamplingPipeline,
-    SamplingSettings,
-    check_image_size,
-)
+from ldm_cli.sampling.pipeline import ImageJob, InitLatent, SamplingPipeline, check_image_size
+from ldm_cli.sampling.settings import SamplingLimits, SamplingSettings
 from ldm_cli.training.precision import resolve_device, resolve_precision
 
 MAX_SEED = 2**63 - 1
@@ -55,9 +49,9 @@ class SampleRequest:
     negative_prompt: str = ""
     num_images: int = 1  # per prompt (and per init image)
     batch_size: int = 1
-    steps: int = 30
-    guidance_scale: float = 7.5
-    sampler: str = DEFAULT_SAMPLER
+    steps: int = SamplingSettings.steps
+    guidance_scale: float = SamplingSettings.guidance_scale
+    sampler: str = SamplingSettings.sampler
     seed: int = 0  # negative: a random seed (printed, and stored in each image)
     height: Optional[int] = None  # default: the model's resolution (img2img: from the init image)
     width: Optional[int] = None
@@ -125,11 +119,17 @@ def _settings(request: SampleRequest, config: SampleConfig, strength: float) -> 
     )
 
 
-def _check_counts(request: SampleRequest) -> None:
+def limits_of(config: SampleConfig) -> SamplingLimits:
+    return SamplingLimits(max_steps=config.max_steps, max_side=config.max_side, max_batch_size=config.max_batch_size)
+
+
+def _check_counts(request: SampleRequest, config: SampleConfig) -> None:
     if request.num_images < 1:
         raise UsageError(f"--num-images must be a positive integer, got {request.num_images}")
-    if request.batch_size < 1:
-        raise UsageError(f"--batch-size must be a positive integer, got {request.batch_size}")
+    if not 1 <= request.batch_size <= config.max_batch_size:
+        raise UsageError(
+            f"--batch-size must be between 1 and {config.max_batch_size} (raise it with max_batch_size=N), got {request.batch_size}"
+        )
     _check_out(request.out)
 
 
@@ -152,13 +152,7 @@ def _base_metadata(mode: str, settings: SamplingSettings, pipeline: SamplingPipe
     bundle = pipeline.model.bundle
     return {
         "mode": mode,
-        "negative_prompt": settings.negative_prompt,
-        "steps": settings.steps,
-        "sampler": settings.sampler,
-        "eta": settings.effective_eta(),
-        "guidance_scale": settings.guidance_scale,
-        "timestep_spacing": settings.timestep_spacing,
-        "karras_sigmas": settings.karras_sigmas,
+        **{key: value for key, value in settings.to_metadata().items() if key not in ("height", "width", "strength")},
         "precision": pipeline.precision,
         "compiled": pipeline.compiled,  # compiled kernels round differently: a replay compiles too
         "model": str(bundle.path.resolve()),
@@ -343,15 +337,17 @@ def _write_batches(
 def run_sample(request: SampleRequest, config: SampleConfig) -> Written:
     """`ldm sample`: text → images."""
     prompts = read_prompts(request.prompts, request.prompt_file)
-    _check_counts(request)
+    _check_counts(request, config)
     device = resolve_device(request.device)
     precision = resolve_precision(request.precision, device)
     settings = _settings(request, config, strength=1.0)
-    settings.validate()  # the model's own step limit is checked once it is loaded
+    limits = limits_of(config)
+    settings.height, settings.width = request.height or settings.height, request.width or settings.width
+    settings.validate(limits=limits)  # the model's own step limit is checked once it is loaded
     model = _load_model(request.model, device)
-    settings.validate(model.schedule.num_train_timesteps)
     settings.height = request.height or model.resolution
     settings.width = request.width or model.resolution
+    settings.validate(model.schedule.num_train_timesteps, limits)
     check_image_size(settings.height, settings.width, model)
     seed = resolve_seed(request.seed, len(prompts) * request.num_images)
 
@@ -368,16 +364,18 @@ def run_sample(request: SampleRequest, config: SampleConfig) -> Written:
 def run_img2img(request: SampleRequest, config: SampleConfig) -> Written:
     """`ldm img2img`: init image(s) + text → images (SDEdit, Meng et al. 2022)."""
     prompts = read_prompts(request.prompts, request.prompt_file)
-    _check_counts(request)
+    _check_counts(request, config)
     if request.init is None:
         raise UsageError("--init is required (an image or a folder of images)")
     device = resolve_device(request.device)
     precision = resolve_precision(request.precision, device)
     settings = _settings(request, config, strength=request.strength)
-    settings.validate()
+    limits = limits_of(config)
+    settings.height, settings.width = request.height or settings.height, request.width or settings.width
+    settings.validate(limits=limits)
     init_paths = list_init_images(request.init)
     model = _load_model(request.model, device)
-    settings.validate(model.schedule.num_train_timesteps)
+    settings.validate(model.schedule.num_train_timesteps, limits)
     inits = [inspect_init_image(path, model, request.height, request.width) for path in init_paths]
     per_init = len(prompts) * request.num_images
     seed = resolve_seed(request.seed, len(inits) * per_init)
@@ -424,20 +422,18 @@ def run_replay(
     device = resolve_device(device_name)
     precision = resolve_precision(meta["precision"], device)
     img2img = meta["mode"] == "img2img"
-    settings = SamplingSettings(
-        steps=int(meta["steps"]), guidance_scale=float(meta["guidance_scale"]), sampler=meta["sampler"],
-        eta=meta.get("eta"), negative_prompt=meta["negative_prompt"], height=int(meta["height"]),
-        width=int(meta["width"]), strength=float(meta["strength"]) if img2img else 1.0,
-        timestep_spacing=meta["timestep_spacing"], karras_sigmas=bool(meta["karras_sigmas"]),
-    )
-    settings.validate()
+    settings = SamplingSettings.from_metadata(meta, str(image))
+    limits = limits_of(config)
+    settings.validate(limits=limits)
+    batch = meta.get("batch") or {"seeds": [meta["seed"]], "prompts": [meta["prompt"]]}
+    _check_replay_batch(batch, meta, image, limits)
     init_path = Path(init or meta.get("init_image") or "") if img2img else None
     if init_path is not None and not init_path.is_file():
         raise DataError(f"the init image of {image} is no longer at {init_path}; put it back there to replay")
     if init_path is not None and file_sha256(init_path) != meta["init_sha256"]:
         raise DataError(f"{init_path} is not the init image {image} was made from (its sha256 differs)")
     loaded = _load_model(model, device)
-    settings.validate(loaded.schedule.num_train_timesteps)
+    settings.validate(loaded.schedule.num_train_timesteps, limits)
     check_image_size(settings.height, settings.width, loaded)
     if loaded.bundle.content_hash != meta.get("model_hash"):
         print(f"note: {model} is not the model {Path(image).name} was made with (content hash differs); pixels will differ")
@@ -453,7 +449,6 @@ def run_replay(
         resized_to = tuple(meta["init_resized_to"]) if meta.get("init_resized_to") else None
         plan = inspect_init_image(init_path, loaded, settings.height, settings.width, resized_to, replay=True)  # type: ignore[arg-type]
         latent = InitLatent(pipeline.encode_image(plan.pixels()), key=plan.sha256)
-    batch = meta.get("batch") or {"seeds": [meta["seed"]], "prompts": [meta["prompt"]]}
     jobs = [ImageJob(prompt, int(seed), latent) for prompt, seed in zip(batch["prompts"], batch["seeds"])]
     position = [job.seed for job in jobs].index(int(meta["seed"]))
     _, images = next(iter(pipeline.generate(jobs, settings, batch_size=len(jobs))))
@@ -461,3 +456,18 @@ def run_replay(
                 "ldm_version": __version__, "device": device.type}
     path = OutputFolder(out).write_image(tensor_to_pil(images[position]), int(meta["seed"]), replayed, json_sidecar)
     return Written([path])
+
+
+def _check_replay_batch(batch: Any, meta: dict[str, Any], image: Path, limits: SamplingLimits) -> None:
+    """A replayed image's batch comes from an untrusted file: the right types, a bounded size, its own seed in it."""
+    seeds, prompts = (batch.get("seeds"), batch.get("prompts")) if isinstance(batch, dict) else (None, None)
+    if (
+        not isinstance(seeds, list) or not isinstance(prompts, list) or len(seeds) != len(prompts)
+        or not all(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED for seed in seeds)
+        or not all(isinstance(prompt, str) for prompt in prompts) or meta["seed"] not in seeds
+    ):
+        raise DataError(f"the batch recorded in {image} is malformed (seeds, prompts); it cannot be replayed")
+    if len(seeds) > limits.max_batch_size:
+        raise UsageError(
+            f"{image} was made in a batch of {len(seeds)}, over the limit of {limits.max_batch_size} (raise it with max_batch_size=N)"
+        )

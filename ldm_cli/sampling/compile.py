@@ -2,8 +2,8 @@
 
 Inductor's "freezing" treats the (inference-only) weights as constants: it folds them and, on the
 CPU, pre-packs them into oneDNN's blocked layouts once instead of on every call, and it fuses the
-element-wise work between the matmuls. Measured by `scripts/bench_sample.py`: 1.1–1.3× faster steps,
-after a one-time compilation of about a minute on a 2-core CPU — worth it for runs of many images.
+element-wise work between the matmuls. It pays off for runs of many images: the one-time compilation
+and the per-step gain are measured by `scripts/bench_sample.py --compile` (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -57,8 +57,12 @@ class Denoiser:
 
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor, **cond: Any) -> torch.Tensor:
         """D(x; σ) for x [B, ...]: [B, ...], or [n·B, ...] where the network answers each x for n texts."""
-        # sigma: a python float (what samplers pass: no GPU sync), a 0-dim tensor, or one σ per sample
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
+        # sigma: a python float (what samplers pass), filled on the device without a host copy or sync;
+        # or a 0-dim tensor, or one σ per sample
+        if isinstance(sigma, torch.Tensor):
+            sigma = sigma.to(dtype=torch.float32, device=x.device).expand(x.shape[0])
+        else:
+            sigma = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)
         sigma_b = sigma.reshape(-1, *([1] * (x.ndim - 1)))
         c_in = (sigma_b**2 + 1).rsqrt()
         model_output = self.model_fn(x * c_in, self.sigma_to_t(sigma), **cond)

@@ -21,7 +21,6 @@ which is why the metadata of a batched image names its batch and a replay recomp
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -29,74 +28,20 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm_cli.autoencoder.model import tiled_decode
+from ldm_cli.backends.cpu import optimize_for_cpu, optimize_for_cpu_inference
+from ldm_cli.backends.guided import GuidedUNet
 from ldm_cli.diffusion.load import LatentDiffusion
-from ldm_cli.diffusion.transformer import TextKeysValues
-from ldm_cli.diffusion.unet import TimeProjections
-from ldm_cli.errors import ConfigError, UsageError
+from ldm_cli.errors import UsageError
+from ldm_cli.noise import generators_for, initial_noise
 from ldm_cli.sampling.compile import compile_for_inference
 from ldm_cli.sampling.denoiser import Denoiser, get_sigmas
-from ldm_cli.sampling.prepack import is_prepacked, prepack_for_cpu
-from ldm_cli.sampling.samplers import SAMPLERS, sample
+from ldm_cli.sampling.guidance import guide
+from ldm_cli.sampling.samplers import sample
+from ldm_cli.sampling.settings import DEFAULT_SAMPLER, SamplingLimits, SamplingSettings
 from ldm_cli.training.precision import DTYPES, autocast
 
-DEFAULT_SAMPLER = "dpmpp_2m"
-
-
-# ---------------------------------------------------------------------------------------- settings
-
-
-@dataclass
-class SamplingSettings:
-    """How to sample; the same for every image of a run (sizes of img2img images come from their init)."""
-
-    steps: int = 30
-    guidance_scale: float = 7.5
-    sampler: str = DEFAULT_SAMPLER
-    eta: Optional[float] = None  # None: the sampler's own default; only samplers with an `eta` take it
-    negative_prompt: str = ""
-    height: int = 512
-    width: int = 512
-    strength: float = 1.0  # img2img: the fraction of the σ schedule re-noised; 1 starts from pure noise
-    timestep_spacing: str = "trailing"  # leading | trailing | linspace
-    karras_sigmas: bool = False
-
-    @property
-    def spacing(self) -> str:
-        return "karras" if self.karras_sigmas else self.timestep_spacing
-
-    def sampler_options(self) -> dict[str, float]:
-        return {} if self.eta is None else {"eta": self.eta}
-
-    def effective_eta(self) -> Optional[float]:
-        """The eta the sampler runs with (its default when none was given); None if it takes none."""
-        parameter = inspect.signature(SAMPLERS[self.sampler]).parameters.get("eta")
-        if parameter is None:
-            return None
-        return float(self.eta if self.eta is not None else parameter.default)
-
-    def start_index(self) -> int:
-        """SDEdit's first step k = S − int(S · strength): strength 1 → 0 (all steps), 0 → S (none)."""
-        return self.steps - int(self.steps * self.strength)
-
-    def validate(self, num_train_timesteps: Optional[int] = None) -> None:
-        """Raise UsageError / ConfigError on a value no run could use (before anything is written);
-        the steps are checked against `num_train_timesteps` once the model is known."""
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if self.eta is not None:
-            if self.effective_eta() is None:
-                takers = [name for name, fn in SAMPLERS.items() if "eta" in inspect.signature(fn).parameters]
-                raise ConfigError(f"sampler {self.sampler!r} takes no --eta; samplers with eta: {', '.join(takers)}")
-            if self.eta < 0:
-                raise UsageError(f"--eta must be >= 0, got {self.eta}")
-        if self.steps < 1:
-            raise UsageError(f"--steps must be a positive integer, got {self.steps}")
-        if num_train_timesteps is not None and not self.karras_sigmas and self.steps > num_train_timesteps:
-            raise UsageError(f"--steps {self.steps} exceeds the model's {num_train_timesteps} training timesteps")
-        if not 0.0 <= self.strength <= 1.0:
-            raise UsageError(f"--strength must be between 0 and 1, got {self.strength}")
-        if self.timestep_spacing not in ("leading", "trailing", "linspace"):
-            raise ConfigError(f"timestep_spacing must be leading, trailing or linspace, got {self.timestep_spacing!r}")
+__all__ = ["DEFAULT_SAMPLER", "ImageJob", "InitLatent", "SamplingLimits", "SamplingPipeline", "SamplingSettings",
+           "check_image_size", "initial_noise", "plan_batches"]
 
 
 def check_image_size(height: int, width: int, model: LatentDiffusion, what: str = "--height/--width") -> None:
@@ -150,22 +95,15 @@ def _init_key(job: ImageJob) -> Optional[str]:
     return job.init.key if job.init is not None else None
 
 
-def initial_noise(seed: int, shape: Sequence[int], generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """The start noise ε of the image with this seed: float32, drawn on the CPU, so the same on every device.
-    Pass `generator` (seeded with `seed`) to keep drawing from the same stream afterwards."""
-    generator = generator if generator is not None else torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
-
-
 # ---------------------------------------------------------------------------------------- pipeline
 
 
 class SamplingPipeline:
     """A loaded latent-diffusion model ready to sample: `pipeline(jobs, settings) -> images`.
 
-    It takes the model over: the U-Net is cast to the compute dtype in place and, on the CPU, its weights
-    are packed for oneDNN (`prepack.py`), which leaves it inference-only (load the model anew to train
-    or save it)."""
+    It takes the model over: the U-Net is cast to the compute dtype in place, gets the sampling-run
+    caches (`backends/guided.py`) and, on the CPU, packed oneDNN weights (`backends/cpu.py`), which
+    leave it inference-only (load the model anew to train or save it)."""
 
     def __init__(
         self,
@@ -189,26 +127,30 @@ class SamplingPipeline:
         self.unet_dtype = DTYPES[precision]
         if channels_last is None:
             # Tensor-core convolutions want NHWC, and so do oneDNN's packed CPU convolutions, which answer
-            # in NHWC: no layout copy around each one. Measured for the `small` U-Net on the CPU (eager):
-            # 16x16 latents fp32 3-15% faster, bf16 even (aten's bf16 GroupNorm is slower in NHWC);
-            # 32x32: 10% / 6%; 64x64 bf16: 16%. compile=true on the CPU picks its own layouts.
+            # in NHWC: no layout copy around each one. compile=true on the CPU picks its own layouts.
             channels_last = self.device.type == "cuda" or not compile
         self.channels_last = channels_last
-        if is_prepacked(model.unet):  # an earlier pipeline made this U-Net inference-only, as it then was
-            # (packed convolutions take either layout, so only the dtype, device and compile mode must match)
-            same = next(model.unet.parameters()).dtype == self.unet_dtype and self.device.type == "cpu"
-            if not same or compile:
-                raise ValueError("this U-Net was packed for CPU inference by another pipeline; load the model again")
-        else:
-            model.unet.to(device=self.device, dtype=self.unet_dtype)
-            if self.channels_last:
-                model.unet.to(memory_format=torch.channels_last)
+        unet = model.unet
         self.compiled = compile  # torch.compile the U-Net: a slow first step, faster ones after
-        self._unet_forward = compile_for_inference(model.unet) if compile else model.unet
-        if prepack is None:  # eager on the CPU: weights packed once for oneDNN (compile=true packs them itself)
-            prepack = self.device.type == "cpu" and not compile
-        if prepack:
-            prepack_for_cpu(model.unet)
+        self.guided: Optional[GuidedUNet] = getattr(unet, "guided", None)
+        if self.guided is not None:  # another pipeline prepared this U-Net for sampling, as it then was
+            same = next(unet.parameters()).dtype == self.unet_dtype and next(unet.parameters()).device.type == self.device.type
+            if not same or compile:
+                raise ValueError("this U-Net was prepared for sampling by another pipeline; load the model again")
+        else:
+            unet.to(device=self.device, dtype=self.unet_dtype)
+            if self.channels_last:
+                unet.to(memory_format=torch.channels_last)
+            if self.device.type == "cpu":
+                optimize_for_cpu(unet)
+            if compile:  # the compiled graph computes the text and time projections itself, and fuses the rest
+                self._compiled_unet = compile_for_inference(unet)
+            else:
+                self.guided = unet.guided = GuidedUNet(unet)
+            if prepack is None:  # eager on the CPU: weights packed once for oneDNN (compile=true packs them itself)
+                prepack = self.device.type == "cpu" and not compile
+            if prepack:
+                optimize_for_cpu_inference(unet)
         self.denoiser = Denoiser(self._unet, model.schedule)
         self._embeddings: dict[str, torch.Tensor] = {}
 
@@ -226,35 +168,29 @@ class SamplingPipeline:
     def _vae_autocast(self) -> contextlib.AbstractContextManager:
         return autocast("bf16" if self.precision == "bf16" else "fp32", self.device)
 
-    def _unet(
-        self, x: torch.Tensor, t: torch.Tensor, text: TextKeysValues, time: Optional[TimeProjections] = None
-    ) -> torch.Tensor:
-        """The U-Net at timesteps `t`, or at the step whose projections `time` holds (from `_project_time`)."""
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, key: float, text: torch.Tensor) -> torch.Tensor:
+        """The U-Net on x [B, ...] at timesteps t for each of the run's texts [n·B, L, D]: [n·B, ...] float32."""
         x = x.to(self.unet_dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            output = self._unet_forward(x, t if time is None else time, text)
+            if self.guided is not None:
+                output = self.guided(x, t, key)
+            else:
+                copies = text.shape[0] // x.shape[0]
+                output = self._compiled_unet(torch.cat([x] * copies), torch.cat([t] * copies), text.to(self.unet_dtype))
         return output.float()  # the sampler's state stays float32
 
-    def _project_text(self, context: torch.Tensor) -> TextKeysValues:
-        """The cross-attention keys and values of `context`, once for all the steps of a sampling run."""
-        with self._autocast():
-            return self.model.unet.project_text(context.to(self.unet_dtype))
-
-    def _project_time(self, sigmas: torch.Tensor) -> dict[float, TimeProjections]:
-        """The U-Net's time projections at each σ > 0 of a run, all computed in one go, by σ (the python
-        floats samplers pass). Not with compile=true: the compiled graph computes them itself, and two
-        kinds of call would compile twice."""
+    def begin_run(self, text: torch.Tensor, sigmas: torch.Tensor) -> None:
+        """Project the run's text [n·B, L, D] and the time embedding at each σ > 0 of `sigmas` once, for all
+        its steps (keyed by the python floats samplers pass)."""
+        if self.guided is None:
+            return
         sigmas = sigmas[sigmas > 0]
-        if self.compiled or not len(sigmas):
-            return {}
         with self._autocast():
-            steps = self.model.unet.project_time(self.denoiser.sigma_to_t(sigmas.to(self.device)), self.unet_dtype)
-        return {
-            sigma: TimeProjections(tuple(layer[i : i + 1] for layer in steps.layers))
-            for i, sigma in enumerate(sigmas.tolist())
-        }
+            self.guided.begin_run(
+                text.to(self.unet_dtype), self.denoiser.sigma_to_t(sigmas.to(self.device)), sigmas.tolist(), self.unet_dtype
+            )
 
     # 1. encode prompts --------------------------------------------------------------------------
 
@@ -277,7 +213,7 @@ class SamplingPipeline:
     ) -> tuple[torch.Tensor, list[torch.Generator]]:
         """x = σ_0 ε (txt2img, and img2img at strength 1) or x_0 + σ_k ε (img2img), with ε drawn from each
         job's own generator; the generators are returned so that sampler noise continues their streams."""
-        generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
+        generators = generators_for([job.seed for job in jobs])
         noise = torch.stack([
             initial_noise(job.seed, self.latent_shape(job, settings), generator) for job, generator in zip(jobs, generators)
         ]).to(self.device)
@@ -293,24 +229,16 @@ class SamplingPipeline:
     # 3. denoise ----------------------------------------------------------------------------------
 
     def guided_denoiser(
-        self, context: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, sigmas: Optional[torch.Tensor] = None
+        self, context: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, sigmas: torch.Tensor
     ) -> Callable[[torch.Tensor, float], torch.Tensor]:
-        """D(x; σ) with classifier-free guidance (Ho & Salimans 2022): D_u + w (D_c − D_u).
-
-        Guiding the x_0 estimate equals guiding ε (or v): D is affine in the network output with the
-        same coefficients in both branches. `sigmas`: the run's σ's, whose time projections are then
-        computed up front (any other σ still works).
-        """
-        times = self._project_time(sigmas) if sigmas is not None else {}
-        if guidance_scale == 1.0:
-            text = self._project_text(context)
-            return lambda x, sigma: self.denoiser(x, sigma, text=text, time=times.get(sigma))
-        both_text = self._project_text(torch.cat([uncond.expand_as(context), context]))
+        """D(x; σ) with classifier-free guidance (`guidance.guide`) for a run over `sigmas`: one batched
+        forward of x with the [uncond, cond] texts (the text alone at guidance_scale 1)."""
+        text = context if guidance_scale == 1.0 else torch.cat([uncond.expand_as(context), context])
+        self.begin_run(text, sigmas)
 
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            # x once, both texts: the U-Net runs its layers before the first cross-attention once for both
-            uncond_x0, cond_x0 = self.denoiser(x, sigma, text=both_text, time=times.get(sigma)).chunk(2)
-            return uncond_x0 + guidance_scale * (cond_x0 - uncond_x0)
+            x0 = self.denoiser(x, sigma, key=sigma, text=text)
+            return x0 if guidance_scale == 1.0 else guide(*x0.chunk(2), guidance_scale)
 
         return denoise
 

@@ -9,17 +9,18 @@ its batch. `callback(step, total)` is called after each step with step = 1 … t
 
 from __future__ import annotations
 
-import inspect
 import math
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from ldm_cli.errors import ConfigError
+from ldm_cli.noise import Generators as Generator
+from ldm_cli.noise import randn_like
 
 Denoise = Callable[[torch.Tensor, float], torch.Tensor]
 Sigmas = torch.Tensor | list[float]
-Generator = torch.Generator | Sequence[torch.Generator] | None
 Callback = Callable[[int, int], None] | None
 
 
@@ -38,16 +39,6 @@ def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> 
         return sigma_to, 0.0
     sigma_up = min(sigma_to, eta * sigma_to * math.sqrt(1 - sigma_to**2 / sigma_from**2))
     return math.sqrt(sigma_to**2 - sigma_up**2), sigma_up
-
-
-def _noise(x: torch.Tensor, generator: Generator) -> torch.Tensor:
-    # drawn on the generator's device then moved: a CPU generator gives the same picture on any device
-    if isinstance(generator, Sequence):  # one per image: row i comes from generator i alone
-        if len(generator) != x.shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
-        return torch.cat([_noise(row, one) for row, one in zip(x.split(1), generator)])
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
 def _steps(sigmas: Sigmas) -> list[tuple[float, float]]:
@@ -86,7 +77,7 @@ def sample_euler_ancestral(
         sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
         x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
         if sigma_up > 0:
-            x = x + _noise(x, generator) * sigma_up
+            x = x + randn_like(x, generator) * sigma_up
         if callback is not None:
             callback(i + 1, len(steps))
     return x
@@ -162,7 +153,7 @@ def sample_dpmpp_2m_sde(
                 r = h_last / h
                 x = x - 0.5 * math.expm1(-h - eta_h) / r * (denoised - old_denoised)
             if eta > 0:
-                x = x + _noise(x, generator) * sigma_next * math.sqrt(-math.expm1(-2 * eta_h))
+                x = x + randn_like(x, generator) * sigma_next * math.sqrt(-math.expm1(-2 * eta_h))
             h_last = h
         old_denoised = denoised
         if callback is not None:
@@ -192,7 +183,7 @@ def sample_ddim(
         sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
         x = denoised + sigma_down * eps
         if sigma_up > 0:
-            x = x + _noise(x, generator) * sigma_up
+            x = x + randn_like(x, generator) * sigma_up
         if callback is not None:
             callback(i + 1, len(steps))
     return x
@@ -212,21 +203,46 @@ def sample_ddpm(
         ratio = (sigma_next / sigma) ** 2
         x = denoised + ratio * (x - denoised)
         if sigma_next > 0:
-            x = x + _noise(x, generator) * sigma_next * math.sqrt(1 - ratio)
+            x = x + randn_like(x, generator) * sigma_next * math.sqrt(1 - ratio)
         if callback is not None:
             callback(i + 1, len(steps))
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "ddim": sample_ddim,
-    "ddpm": sample_ddpm,
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+@dataclass(frozen=True)
+class Sampler:
+    """A registered sampler: its function, the options it takes with their defaults, and whether it adds
+    fresh noise (then it needs a generator per image for batch-independent images)."""
+
+    fn: Callable[..., torch.Tensor]
+    options: dict[str, float] = field(default_factory=dict)
+    stochastic: bool = False
+
+    def __call__(self, denoise: Denoise, x: torch.Tensor, sigmas: Sigmas, **kwargs) -> torch.Tensor:
+        return self.fn(denoise, x, sigmas, **kwargs)
+
+    def is_stochastic(self, options: dict[str, float]) -> bool:
+        """Whether this run adds noise: an `eta` of 0 makes the ancestral/SDE samplers deterministic."""
+        return self.stochastic and {**self.options, **options}.get("eta", 1.0) != 0
+
+
+# Add a sampler: write `sample_<name>(denoise, x, sigmas, *, generator, callback, **options)` above and
+# register it here; the CLI, PNG metadata and --replay pick it up from this table.
+SAMPLERS: dict[str, Sampler] = {
+    "ddim": Sampler(sample_ddim, {"eta": 0.0}, stochastic=True),
+    "ddpm": Sampler(sample_ddpm, stochastic=True),
+    "euler": Sampler(sample_euler),
+    "euler_ancestral": Sampler(sample_euler_ancestral, {"eta": 1.0}, stochastic=True),
+    "heun": Sampler(sample_heun),
+    "dpmpp_2m": Sampler(sample_dpmpp_2m),
+    "dpmpp_2m_sde": Sampler(sample_dpmpp_2m_sde, {"eta": 1.0}, stochastic=True),
 }
+
+
+def get_sampler(name: str) -> Sampler:
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
 
 
 def sample(
@@ -240,14 +256,10 @@ def sample(
     **options: float,
 ) -> torch.Tensor:
     """Run the sampler called `name`, turning an unknown name or option into a ConfigError."""
-    if name not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    sampler = SAMPLERS[name]
-    common = ("denoise", "x", "sigmas", "generator", "callback")
-    accepted = [p for p in inspect.signature(sampler).parameters if p not in common]
-    unknown = sorted(set(options) - set(accepted))
+    sampler = get_sampler(name)
+    unknown = sorted(set(options) - set(sampler.options))
     if unknown:
         raise ConfigError(
-            f"sampler {name!r} takes no option {', '.join(unknown)}; it takes: {', '.join(accepted) or 'no options'}"
+            f"sampler {name!r} takes no option {', '.join(unknown)}; it takes: {', '.join(sampler.options) or 'no options'}"
         )
     return sampler(denoise, x, sigmas, generator=generator, callback=callback, **options)

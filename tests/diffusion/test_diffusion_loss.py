@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from ldm_cli.diffusion.loss import diffusion_loss, min_snr_weight, sample_noise
+from ldm_cli.diffusion.loss import diffusion_loss, min_snr_weight
+from ldm_cli.noise import sample_noise
 from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ldm_cli.errors import ConfigError
 

@@ -40,7 +40,8 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(model_dir, monk
     warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
     assert warnings == ["torch.compile failed (RuntimeError: C++ compile error: cannot find cl.exe); "
                         "sampling continues without compile=true"]
-    assert torch.equal(fallen_back, eager)
+    # the same numbers up to rounding: the fallback runs the plain U-Net on the latent once per text
+    torch.testing.assert_close(fallen_back, eager, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow

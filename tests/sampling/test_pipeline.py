@@ -11,11 +11,11 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
 from ldm_cli.diffusion.load import load_latent_diffusion
-from ldm_cli.diffusion.unet import ResnetBlock
 from ldm_cli.errors import ConfigError, UsageError
 from ldm_cli.sampling import pipeline as pipeline_module
 from ldm_cli.sampling.commands import plan_init_size
-from ldm_cli.sampling.denoiser import get_timesteps
+from ldm_cli.sampling.denoiser import Denoiser, get_timesteps
+from ldm_cli.sampling.guidance import guide
 from ldm_cli.sampling.pipeline import (
     ImageJob,
     InitLatent,
@@ -25,6 +25,7 @@ from ldm_cli.sampling.pipeline import (
     initial_noise,
     plan_batches,
 )
+from ldm_cli.sampling.samplers import sample
 from tests.sampling.helpers import write_tiny_latent_diffusion
 
 SIZE = dict(height=16, width=16)
@@ -164,22 +165,19 @@ def test_noise_is_a_cpu_float32_draw_of_the_seed(pipe):
 # ---- guidance, prompts, img2img, decode ----
 
 
-def forward_batch_sizes(pipe, monkeypatch) -> list[tuple[int, int, int]]:
+@pytest.fixture
+def forward_batch_sizes(pipe):
     """(latent rows, text rows, output rows) of every U-Net call."""
     sizes: list[tuple[int, int, int]] = []
-    unet_forward = pipe.model.unet.forward
-
-    def forward(sample, timestep, text):
-        output = unet_forward(sample, timestep, text)
-        sizes.append((sample.shape[0], text.layers[0][0].shape[0], output.shape[0]))
-        return output
-
-    monkeypatch.setattr(pipe.model.unet, "forward", forward)
-    return sizes
+    hook = pipe.model.unet.register_forward_hook(
+        lambda module, args, output: sizes.append((args[0].shape[0], args[2].shape[0], output.shape[0]))
+    )
+    yield sizes
+    hook.remove()
 
 
-def test_guidance_is_one_batched_forward_and_scale_one_skips_the_unconditional_branch(pipe, monkeypatch):
-    sizes = forward_batch_sizes(pipe, monkeypatch)
+def test_guidance_is_one_batched_forward_and_scale_one_skips_the_unconditional_branch(pipe, forward_batch_sizes):
+    sizes = forward_batch_sizes
     jobs = [ImageJob("a", 1), ImageJob("b", 2), ImageJob("c", 3)]
     pipe(jobs, SamplingSettings(steps=4, guidance_scale=3.0, sampler="euler", **SIZE))
     assert sizes == [(3, 6, 6)] * 4  # each latent once, with its [uncond, cond] texts: both outputs
@@ -231,29 +229,34 @@ def test_img2img_walks_the_last_steps_of_the_schedule(pipe, monkeypatch):
     assert seen == get_timesteps(pipe.model.schedule, 10, "trailing")[5:].float().tolist()
 
 
-@pytest.mark.parametrize(("sampler", "forwards"), [("heun", 7), ("dpmpp_2m_sde", 4)])  # two σ per step; fresh noise
-def test_time_projections_are_computed_once_per_run_and_change_nothing(pipe, monkeypatch, sampler, forwards):
-    settings = SamplingSettings(steps=4, sampler=sampler, **SIZE)
-    job = [ImageJob("a red circle", 7)]
-    projected_rows: list[int] = []
-    project = ResnetBlock.project_time
-    monkeypatch.setattr(ResnetBlock, "project_time", lambda self, temb: projected_rows.append(temb.shape[0]) or project(self, temb))
-    images = pipe(job, settings)
-    resnets = sum(isinstance(module, ResnetBlock) for module in pipe.model.unet.modules())
-    assert projected_rows == [4] * resnets  # each resnet once, for the run's 4 σ > 0 together
-    monkeypatch.setattr(pipe, "_project_time", lambda sigmas: {})  # every step projects its own
-    torch.testing.assert_close(pipe(job, settings), images, atol=1e-5, rtol=0)
-    assert len(projected_rows) == resnets * (1 + forwards)
+def _plain_guided_denoiser(model, context, uncond, scale):
+    """Guidance the plain way: the bundle's U-Net, untouched by any backend, on [x, x] with [uncond, cond]."""
+    unet = load_latent_diffusion(model.bundle.path).unet.eval()
+    text = torch.cat([uncond.expand_as(context), context])
+    denoiser = Denoiser(lambda x, t: unet(torch.cat([x, x]), torch.cat([t, t]), text), model.schedule)
+    return lambda x, sigma: guide(*denoiser(x, sigma).chunk(2), scale)
 
 
-def test_a_sigma_off_the_runs_grid_still_denoises(pipe):
-    context, uncond = pipe.encode_prompts(["a"]), pipe.encode_prompts([""])
-    x = torch.randn(1, pipe.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m_sde"])  # two σ per step; fresh noise
+def test_pipeline_images_equal_the_plain_models(model, pipe, sampler):
+    settings = SamplingSettings(steps=4, sampler=sampler, guidance_scale=3.0, **SIZE)
+    jobs = [ImageJob("a red circle", 7), ImageJob("a blue square", 8)]
+    context, uncond = pipe.encode_prompts([job.prompt for job in jobs]), pipe.encode_prompts([""])
+    sigmas = pipe.sigmas(settings)
+    x, generators = pipe.prepare_latents(jobs, settings, sigmas)
+    with torch.inference_mode():
+        plain = sample(sampler, _plain_guided_denoiser(model, context, uncond, 3.0), x, sigmas, generator=generators)
+    torch.testing.assert_close(pipe(jobs, settings), pipe.decode(plain), atol=1e-4, rtol=0)
+
+
+def test_a_sigma_off_the_runs_grid_still_denoises(model, pipe):
+    context, uncond = pipe.encode_prompts(["a", "b"]), pipe.encode_prompts([""])
+    x = torch.randn(2, pipe.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0))
+    plain = _plain_guided_denoiser(model, context, uncond, 3.0)
     with torch.inference_mode():
         with_grid = pipe.guided_denoiser(context, uncond, 3.0, torch.tensor([10.0, 2.0, 0.0]))
-        without = pipe.guided_denoiser(context, uncond, 3.0)
         for sigma in (2.0, 5.0):  # on the grid, off it
-            torch.testing.assert_close(with_grid(x, sigma), without(x, sigma), atol=1e-5, rtol=0)
+            torch.testing.assert_close(with_grid(x, sigma), plain(x, sigma), atol=1e-4, rtol=0)  # packed kernels round apart
 
 
 def test_large_images_are_decoded_in_tiles(model, monkeypatch):

@@ -102,6 +102,30 @@ def test_replay_notes_an_image_made_by_another_ldm_version(ldm, model_dir, tmp_p
     assert "was made with ldm 0.0.1, this is ldm " in stdout and "pixels may differ slightly" in stdout
 
 
+@pytest.mark.parametrize(
+    ("changes", "exit_code", "message"),
+    [
+        ({"height": 100000, "width": 100000}, 2, "--height must be between 1 and 4096"),
+        ({"guidance_scale": float("nan")}, 2, "--guidance-scale must be a finite number"),
+        ({"steps": 10**9, "karras_sigmas": True}, 2, "exceeds the limit of 1000"),
+        ({"steps": "many"}, 3, "steps='many', not a int"),
+        ({"batch": {"seeds": list(range(20000)), "prompts": ["x"] * 20000}}, 2, "batch of 20000, over the limit of 256"),
+        ({"batch": {"seeds": "0"}}, 3, "the batch recorded in"),
+    ],
+)
+def test_replayed_metadata_is_checked_like_options(ldm, model_dir, tmp_path, changes, exit_code, message):
+    out = tmp_path / "out"
+    assert ldm("sample", "--model", model_dir, "--prompt", "a red circle", "--steps", "2", "--out", out)[0] == 0
+    with Image.open(out / "00000-0.png") as image:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("ldm", json.dumps({**read_metadata(out / "00000-0.png"), **changes}))
+        image.save(tmp_path / "tampered.png", pnginfo=info)
+    code, _, stderr = ldm("sample", "--replay", tmp_path / "tampered.png", "--out", tmp_path / "replayed")
+    assert code == exit_code
+    assert stderr.startswith("error: ") and message in stderr and stderr.count("\n") == 1, stderr
+    assert not (tmp_path / "replayed").exists()
+
+
 def test_img2img_on_a_folder_notes_resizes_and_replays(ldm, model_dir, tmp_path):
     inits = tmp_path / "inits"
     inits.mkdir()
@@ -169,6 +193,13 @@ BASE = ["--prompt", "a red circle", "--steps", "2"]
         (["sample", *BASE], 2, "--model is required"),
         (["sample", "--model", "{model}", *BASE, "bogus_key=1"], 2, "bogus_key"),
         (["sample", "--replay", "{plain}"], 3, "has no 'ldm' metadata"),
+        (["sample", "--model", "{model}", *BASE, "--guidance-scale", "nan"], 2, "--guidance-scale must be a finite number"),
+        (["sample", "--model", "{model}", *BASE, "--sampler", "ddim", "--eta", "nan"], 2, "--eta must be a finite number"),
+        (["sample", "--model", "{model}", "--prompt", "x", "--steps", "1000000000", "karras_sigmas=true"], 2,
+         "exceeds the limit of 1000 (raise it with max_steps=N)"),
+        (["sample", "--model", "{model}", *BASE, "--height", "100000"], 2, "--height must be between 1 and 4096"),
+        (["sample", "--model", "{model}", *BASE, "--batch-size", "20000"], 2, "--batch-size must be between 1 and 256"),
+        (["img2img", "--model", "{model}", "--init", "{plain}", *BASE, "--strength", "nan"], 2, "--strength must be a finite number"),
         (["img2img", "--model", "{model}", "--init", "{plain}", *BASE, "--strength", "1.5"], 2, "--strength must be between 0 and 1"),
         (["img2img", "--model", "{model}", "--init", "{broken}", *BASE], 3, "cannot read image"),
         (["img2img", "--model", "{model}", "--init", "{missing}", *BASE], 3, "init image not found"),

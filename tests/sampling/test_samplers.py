@@ -368,3 +368,15 @@ def test_sample_by_name_validates_the_name_and_options():
         sample("plms", denoiser, x, sigmas)
     with pytest.raises(ConfigError, match="no option eta"):
         sample("euler", denoiser, x, sigmas, eta=0.5)
+
+
+def test_the_registry_says_which_samplers_add_noise_and_which_options_they_take():
+    x, sigmas = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([5.0, 2.0, 0.5, 0.0])
+
+    def shrink(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return 0.5 * x
+
+    for name, sampler in SAMPLERS.items():
+        for options in ([{}, {"eta": 0.0}, {"eta": 0.7}] if "eta" in sampler.options else [{}]):
+            first, second = (sampler(shrink, x, sigmas, generator=torch.Generator().manual_seed(seed), **options) for seed in (1, 2))
+            assert (not torch.equal(first, second)) == sampler.is_stochastic(options), (name, options)
