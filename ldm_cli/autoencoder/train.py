@@ -20,7 +20,7 @@ from ldm_cli.training.ema import EMA
 from ldm_cli.training.loop import train_loop
 from ldm_cli.training.optimizer_state import load_optimizer_state
 from ldm_cli.training.precision import autocast, grad_scaler, resolve_device, resolve_precision
-from ldm_cli.training.run_dir import open_run
+from ldm_cli.training.run_dir import open_run, start_run
 
 
 def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -164,7 +164,7 @@ def estimate_latent_scale(model: AutoencoderKL, dataset: ImageFolderDataset, dev
 
 def train_autoencoder(config: TrainVaeConfig, out: Path, overrides: list[str], resume: bool = False, device_name: str = "auto") -> Path:
     """Train (or resume) an autoencoder run in `out`; returns the path of its bundle."""
-    config, _ = open_run(out, "train-vae", config, overrides, resume)
+    config, _ = open_run(out, "train-vae", config, overrides, resume)  # decides; writes nothing yet
     device = resolve_device(device_name)
     data = config.data
     train_set = ImageFolderDataset.from_config(data, split="train", seed=config.train.seed)
@@ -172,8 +172,13 @@ def train_autoencoder(config: TrainVaeConfig, out: Path, overrides: list[str], r
     if len(holdout) == 0:
         holdout = train_set  # a one-image dataset has no held-out split
     trainer = AutoencoderTrainer(config, holdout, device)
-    train_loop(trainer, train_set, config.train, Path(out), collate=collate_images, description="train-vae")
+    with start_run(out, "train-vae", config):  # everything is checked: only now is --out written
+        train_loop(trainer, train_set, config.train, Path(out), collate=collate_images, description="train-vae")
+        return _write_autoencoder_bundle(config, trainer, train_set, device, Path(out))
 
+
+def _write_autoencoder_bundle(config: TrainVaeConfig, trainer: AutoencoderTrainer, train_set: ImageFolderDataset, device: torch.device, out: Path) -> Path:
+    data = config.data
     final_model = trainer.eval_model()
     metrics = trainer.evaluate(config.train.max_steps)
     latent_scale = estimate_latent_scale(final_model, train_set, device)

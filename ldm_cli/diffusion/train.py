@@ -31,7 +31,7 @@ from ldm_cli.training.loop import train_loop
 from ldm_cli.training.master_weights import MasterWeights
 from ldm_cli.training.optimizer_state import load_optimizer_state
 from ldm_cli.training.precision import autocast, grad_scaler, resolve_device, resolve_precision
-from ldm_cli.training.run_dir import open_run
+from ldm_cli.training.run_dir import open_run, start_run
 
 
 class TextConditioning:
@@ -284,17 +284,22 @@ def train_unet(
         )
     text_encoder = load_text_encoder(config.text_encoder, device=device)
     check_compatible(config, data, text_encoder.width, overrides)
-    if dist.is_main:
-        config, _ = open_run(out, "train-diffusion", config, overrides, resume)
-    barrier(dist)
-    if not dist.is_main:  # the same decision, read from what the main process wrote
-        config, _ = open_run(out, "train-diffusion", config, overrides, resume, write=False)
+    config, _ = open_run(out, "train-diffusion", config, overrides, resume)  # decides; writes nothing yet
     cached = _cache_matches(data, config)
     conditioning = TextConditioning(text_encoder, device, data.uncond_text() if cached else None)
     trainer = DiffusionTrainer(config, data, autoencoder, conditioning, device, dist, init_weights)
-    train_loop(trainer, data, config.train, Path(out), dist, collate=collate_latents, description="train-diffusion")
-    if not dist.is_main:
-        return Path(out) / "bundle"
+    barrier(dist)  # every process has read the run directory before the main one writes into it
+    with start_run(out, "train-diffusion", config, enabled=dist.is_main):
+        barrier(dist)
+        train_loop(trainer, data, config.train, Path(out), dist, collate=collate_latents, description="train-diffusion")
+        if not dist.is_main:
+            return Path(out) / "bundle"
+        return _write_bundle(config, trainer, text_encoder, autoencoder, latents, Path(out))
+
+
+def _write_bundle(
+    config: TrainDiffusionConfig, trainer: DiffusionTrainer, text_encoder: TextEncoder, autoencoder: LoadedAutoencoder, latents: Path, out: Path
+) -> Path:
     bundle = write_latent_diffusion_bundle(
         Path(out) / "bundle",
         trainer.shipped_weights(),
