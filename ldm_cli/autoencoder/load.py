@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL
-from ldm_cli.bundle import Bundle, load_bundle
+from ldm_cli.bundle import Bundle, check_shapes, load_bundle
 from ldm_cli.config import from_dict
 from ldm_cli.errors import BundleError
 
@@ -37,7 +37,9 @@ class LoadedAutoencoder:
 
 
 def build_autoencoder(meta: dict, weights: dict[str, torch.Tensor]) -> AutoencoderKL:
-    model = AutoencoderKL(from_dict(meta["autoencoder"], AutoencoderConfig))
+    config = from_dict(meta["autoencoder"], AutoencoderConfig)
+    check_shapes(lambda: AutoencoderKL(config), weights, "autoencoder")  # before allocating the model
+    model = AutoencoderKL(config)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as error:

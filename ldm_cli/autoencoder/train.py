@@ -17,7 +17,7 @@ from ldm_cli.data.images import ImageFolderDataset
 from ldm_cli.eval.metrics import psnr, ssim
 from ldm_cli.grid import make_grid, save_image
 from ldm_cli.training.ema import EMA
-from ldm_cli.training.loop import train_loop
+from ldm_cli.training.loop import check_finite_loss, train_loop
 from ldm_cli.training.optimizer_state import load_optimizer_state
 from ldm_cli.training.precision import autocast, grad_scaler, resolve_device, resolve_precision
 from ldm_cli.training.run_dir import open_run, start_run
@@ -70,16 +70,18 @@ class AutoencoderTrainer:
         self.loss.train()
         accum = len(micro_batches)
         logs: dict[str, float] = {}
-        reconstructions = []
+        reconstructions, total = [], 0.0
         for batch in micro_batches:
             images = self._images(batch)
             with autocast(self.precision, self.device):
                 recon, posterior = self.model(images, generator=self.generator)
                 loss, parts = self.loss.generator_loss(images, recon, posterior, step, self.model.last_layer)
             self._backward(loss / accum)
+            total += float(loss.detach()) / accum
             reconstructions.append(recon.detach())
             for key, value in parts.items():
                 logs[key] = logs.get(key, 0.0) + float(value) / accum
+        check_finite_loss(total, self.opt_ae, self.opt_disc)  # before the update: the weights stay as they were
         self._step(self.opt_ae)
         if self.loss.disc_active(step):
             for batch, recon in zip(micro_batches, reconstructions):
@@ -88,6 +90,7 @@ class AutoencoderTrainer:
                 self._backward(d_loss / accum)
                 for key, value in parts.items():
                     logs[key] = logs.get(key, 0.0) + float(value) / accum
+            check_finite_loss(logs.get("disc_loss", 0.0), self.opt_disc)
             self._step(self.opt_disc)
         if self.scaler:
             self.scaler.update()

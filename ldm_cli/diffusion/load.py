@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder
-from ldm_cli.bundle import Bundle, load_bundle, write_bundle
+from ldm_cli.bundle import Bundle, check_shapes, load_bundle, write_bundle
 from ldm_cli.config import from_dict, to_dict
 from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ldm_cli.diffusion.text import TextEncoder, TextEncoderConfig, load_text_encoder, save_text_encoder
@@ -51,6 +51,7 @@ class LatentDiffusion:
 
 
 def build_unet(config: UNetConfig, weights: dict[str, torch.Tensor]) -> UNet:
+    check_shapes(lambda: UNet(config), weights, "U-Net")  # before allocating the model
     unet = UNet(config)
     try:
         unet.load_state_dict(weights, strict=True)

@@ -27,7 +27,7 @@ from ldm_cli.sampling.denoiser import Denoiser, get_sigmas
 from ldm_cli.sampling.samplers import sample_ddim
 from ldm_cli.training.distributed import DistInfo, barrier, device_for, init_distributed
 from ldm_cli.training.ema import EMA
-from ldm_cli.training.loop import train_loop
+from ldm_cli.training.loop import check_finite_loss, train_loop
 from ldm_cli.training.master_weights import MasterWeights
 from ldm_cli.training.optimizer_state import load_optimizer_state
 from ldm_cli.training.precision import autocast, grad_scaler, resolve_device, resolve_precision
@@ -132,6 +132,7 @@ class DiffusionTrainer:
             if self.master:
                 self.master.gradients_to_master()
             total += float(loss.detach())
+        check_finite_loss(total, self.optimizer)  # before the update: the weights stay as they were
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         logs = {}
