@@ -26,10 +26,10 @@ from ldm_cli.errors import BundleError
 
 BUNDLE_JSON = "bundle.json"
 KINDS = ("autoencoder", "latent-diffusion")
-# what loading each kind reads from bundle.json
-REQUIRED_KEYS = {
-    "autoencoder": ("files", "hashes", "autoencoder", "latent_scale", "resolution"),
-    "latent-diffusion": ("files", "hashes", "unet", "schedule", "text_encoder", "autoencoder", "resolution"),
+# what loading a model of each kind reads from bundle.json
+MODEL_KEYS = {
+    "autoencoder": ("autoencoder", "latent_scale", "resolution"),
+    "latent-diffusion": ("unet", "schedule", "text_encoder", "autoencoder", "resolution"),
 }
 _verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256 already checked in this process
 
@@ -224,12 +224,21 @@ def load_bundle(path: str | Path, kind: str | None = None) -> Bundle:
         raise BundleError(f"{directory / BUNDLE_JSON} names no known bundle kind")
     if kind is not None and meta["kind"] != kind:
         raise BundleError(f"{directory} is a '{meta['kind']}' bundle, but this command needs a '{kind}' bundle")
-    missing = [key for key in REQUIRED_KEYS[meta["kind"]] if key not in meta]
-    if missing:
-        raise BundleError(f"{directory / BUNDLE_JSON} lacks {', '.join(missing)}; the bundle is incomplete, re-create it")
+    _require(directory, meta, ("files", "hashes", "content_hash"))
     if not isinstance(meta["files"], dict) or not isinstance(meta["hashes"], dict):
         raise BundleError(f"{directory / BUNDLE_JSON}: 'files' and 'hashes' must be mappings; the bundle is damaged")
-    reference = meta.get("autoencoder") if meta["kind"] == "latent-diffusion" else {"path": "", "content_hash": ""}
-    if not isinstance(reference, dict) or not {"path", "content_hash"} <= set(reference):
-        raise BundleError(f"{directory / BUNDLE_JSON}: 'autoencoder' must name its path and content_hash; the bundle is damaged")
     return Bundle(directory, meta)
+
+
+def require_model_keys(bundle: Bundle) -> None:
+    """Check that bundle.json holds what building its model reads, naming what is missing."""
+    _require(bundle.path, bundle.meta, MODEL_KEYS[bundle.kind])
+    reference = bundle.meta["autoencoder"] if bundle.kind == "latent-diffusion" else {"path": "", "content_hash": ""}
+    if not isinstance(reference, dict) or not {"path", "content_hash"} <= set(reference):
+        raise BundleError(f"{bundle.path / BUNDLE_JSON}: 'autoencoder' must name its path and content_hash; the bundle is damaged")
+
+
+def _require(directory: Path, meta: dict, keys: tuple[str, ...]) -> None:
+    missing = [key for key in keys if key not in meta]
+    if missing:
+        raise BundleError(f"{directory / BUNDLE_JSON} lacks {', '.join(missing)}; the bundle is incomplete, re-create it")
