@@ -233,6 +233,15 @@ def load_bundle(path: str | Path, kind: str | None = None) -> Bundle:
 def require_model_keys(bundle: Bundle) -> None:
     """Check that bundle.json holds what building its model reads, naming what is missing."""
     _require(bundle.path, bundle.meta, MODEL_KEYS[bundle.kind])
+    meta, where = bundle.meta, bundle.path / BUNDLE_JSON
+    sections = ("autoencoder",) if bundle.kind == "autoencoder" else ("unet", "schedule", "text_encoder", "autoencoder")
+    for section in sections:
+        if not isinstance(meta[section], dict):
+            raise BundleError(f"{where}: '{section}' is {meta[section]!r}, not a mapping of settings; the bundle is damaged")
+    if bundle.kind == "autoencoder":
+        scale = meta["latent_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+            raise BundleError(f"{where}: latent_scale is {scale!r}, not a finite non-zero number; the bundle is damaged")
     reference = bundle.meta["autoencoder"] if bundle.kind == "latent-diffusion" else {"path": "", "content_hash": ""}
     if not isinstance(reference, dict) or not {"path", "content_hash"} <= set(reference):
         raise BundleError(f"{bundle.path / BUNDLE_JSON}: 'autoencoder' must name its path and content_hash; the bundle is damaged")

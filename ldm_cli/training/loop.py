@@ -67,26 +67,33 @@ def default_workers(configured: int | None) -> int:
     return min(4, cores)
 
 
-class _Sigterm:
-    """SIGTERM (a cluster pre-empting the job, `kill`) is handled like Ctrl-C: checkpoint, then exit."""
+class _StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (a cluster pre-empting the job, `kill`) end training at the next
+    step boundary, so the checkpoint then saved is a consistent state; a second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.received = False
-        self.previous = None
+        self.received: str | None = None
+        self.forced = False
+        self.previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_Sigterm":
+    def __enter__(self) -> "_StopSignals":
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if not self.received:  # a second signal must not abort the checkpoint being saved
-            self.received = True
-            raise KeyboardInterrupt
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            return
+        self.forced = True
+        raise KeyboardInterrupt
 
     def __exit__(self, *exc: Any) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
 
 
 def train_loop(
@@ -136,9 +143,9 @@ def train_loop(
     progress = tqdm(total=config.max_steps, initial=step, desc=description, disable=not dist.is_main, dynamic_ncols=True)
     last_saved = step
     workers = default_workers(config.num_workers)
-    sigterm = _Sigterm()
+    stop = _StopSignals()
     try:
-        sigterm.__enter__()
+        stop.__enter__()
         while step < config.max_steps:
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
@@ -147,6 +154,8 @@ def train_loop(
             loader = DataLoader(dataset, batch_sampler=order[:usable], num_workers=workers, collate_fn=collate)
             micro_batches: list[dict[str, Any]] = []
             for batch in loader:
+                if stop.received:
+                    raise KeyboardInterrupt
                 micro_batches.append(batch)
                 if len(micro_batches) < config.grad_accum_steps:
                     continue
@@ -173,18 +182,27 @@ def train_loop(
                 if step % config.checkpoint_every == 0:
                     save()
                     last_saved = step
+                if stop.received:
+                    raise KeyboardInterrupt
                 if step >= config.max_steps:
                     break
             else:
                 epoch, batch_in_epoch = epoch + 1, 0
     except KeyboardInterrupt:
         progress.close()
-        save()
+        if stop.forced:  # stopped mid-step: the state in memory may be half-updated, so nothing is saved
+            latest = checkpoints.latest()
+            raise TrainingInterrupted(
+                f"stopped at once during step {step + 1}; nothing saved, the last checkpoint is {latest or 'none'}"
+            ) from None
+        if step != last_saved:
+            save()
+        how = "terminated (SIGTERM)" if stop.received == "SIGTERM" else "interrupted"
         raise TrainingInterrupted(
-            f"{'terminated (SIGTERM)' if sigterm.received else 'interrupted'} at step {step}; checkpoint saved in {checkpoints.directory} — run the same command again to resume"
+            f"{how} at step {step}; checkpoint saved in {checkpoints.directory} — run the same command again to resume"
         ) from None
     finally:
-        sigterm.__exit__()
+        stop.__exit__()
         progress.close()
         logger.close()
     if step != last_saved or checkpoints.latest() is None:

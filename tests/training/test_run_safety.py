@@ -95,18 +95,21 @@ def test_skipping_non_finite_steps_up_to_a_limit(tmp_path):
         train_loop(ToyTrainer(), toy_data(nan_at=order[2]), toy_config(max_steps=16, max_nonfinite_steps=1), tmp_path / "skip")
 
 
-def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path):
+@pytest.mark.parametrize("signals", [1, 2])
+def test_sigterm_ends_at_the_step_boundary_with_a_checkpoint_and_twice_stops_at_once(tmp_path, signals):
     trainer = ToyTrainer()
 
-    def terminate_at(step):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+    def terminate_during(step):
+        if step == 3:  # inside the fourth step
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGTERM)
 
-    trainer.on_step = terminate_at
+    trainer.on_step = terminate_during
     previous = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(TrainingInterrupted, match="terminated \\(SIGTERM\\) at step 3; checkpoint saved"):
-        train_loop(trainer, toy_data(), toy_config(checkpoint_every=100), tmp_path)
-    assert CheckpointManager(tmp_path).latest().name == "step_0000003"
+    message = "terminated \\(SIGTERM\\) at step 4; checkpoint saved" if signals == 1 else "stopped at once during step 4; nothing saved"
+    with pytest.raises(TrainingInterrupted, match=message):
+        train_loop(trainer, toy_data(), toy_config(checkpoint_every=3), tmp_path)
+    assert CheckpointManager(tmp_path).latest().name == ("step_0000004" if signals == 1 else "step_0000003")
     assert signal.getsignal(signal.SIGTERM) == previous  # the handler is the loop's only while it runs
 
 
