@@ -236,3 +236,15 @@ def test_bf16_weights_are_refused_for_the_autoencoder():
 
     with pytest.raises(ConfigError, match="train.bf16_weights"):  # not a key of the autoencoder's train configs
         load_config("train_vae", ["train.bf16_weights=true"])
+
+
+def test_resume_repeats_the_runs_own_group_choices_and_refuses_another_architecture(latents, tmp_path):
+    from ldm_cli.errors import RunDirError
+
+    run(latents, tmp_path / "run", 2)
+    again = [*UNET, *TRAIN, "train.max_steps=3"]  # the original overrides (groups unet, text_encoder, train), longer
+    train_unet(load_config("train_diffusion", again), latents, tmp_path / "run", again, resume=True, device_name="cpu")
+    assert load_bundle(tmp_path / "run").meta["trained_steps"] == 3
+    wider = [*again, "unet.block_out_channels=[16,48]", "train.max_steps=4"]
+    with pytest.raises(RunDirError, match="--resume cannot change unet.block_out_channels: saved \\[16, 32\\], now \\[16, 48\\]"):
+        train_unet(load_config("train_diffusion", wider), latents, tmp_path / "run", wider, resume=True, device_name="cpu")

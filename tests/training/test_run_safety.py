@@ -223,3 +223,14 @@ def test_a_damaged_checkpoint_state_is_one_line(tmp_path):
     CheckpointManager(tmp_path).save(2, {"x": torch.ones(1)})  # a state without the loop's keys
     with pytest.raises(BundleError, match="step_0000002 does not hold this run's training state"):
         train_loop(ToyTrainer(), toy_data(), toy_config(), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["train_vae", "train_diffusion"])
+def test_dataloader_workers_default_to_the_cores_available(name):
+    from ldm_cli.config import load_config
+    from ldm_cli.training.loop import default_workers
+
+    assert load_config(name).train.num_workers is None
+    cores = len(os.sched_getaffinity(0))
+    assert default_workers(None) == min(4, cores)  # never more than PyTorch's suggested maximum
+    assert default_workers(3) == 3
