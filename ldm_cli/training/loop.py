@@ -52,11 +52,23 @@ class NonFiniteLoss(Exception):
 
 
 def check_finite_loss(value: float, *optimizers: torch.optim.Optimizer) -> None:
-    """Drop the step's gradients and raise `NonFiniteLoss` unless `value` is finite."""
-    if not math.isfinite(value):
+    """Drop the step's gradients and raise `NonFiniteLoss` unless `value` is finite (on every process
+    of a distributed run, so that all of them stop or skip together)."""
+    bad = not math.isfinite(value)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        bad = any_process(bad)
+    if bad:
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLoss(value)
+        raise NonFiniteLoss(value if not math.isfinite(value) else float("nan"))
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is set on any process of the initialised process group (one tiny all-reduce)."""
+    cuda = torch.distributed.get_backend() == "nccl"
+    value = torch.tensor([float(flag)], device=torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")
+    torch.distributed.all_reduce(value)
+    return bool(value.item() > 0)
 
 
 def default_workers(configured: int | None) -> int:
@@ -154,7 +166,7 @@ def train_loop(
             loader = DataLoader(dataset, batch_sampler=order[:usable], num_workers=workers, collate_fn=collate)
             micro_batches: list[dict[str, Any]] = []
             for batch in loader:
-                if stop.received:
+                if stop.received and not dist.enabled:
                     raise KeyboardInterrupt
                 micro_batches.append(batch)
                 if len(micro_batches) < config.grad_accum_steps:
@@ -182,7 +194,8 @@ def train_loop(
                 if step % config.checkpoint_every == 0:
                     save()
                     last_saved = step
-                if stop.received:
+                # every process stops at the same step boundary, whichever received the signal
+                if any_process(stop.received is not None) if dist.enabled else stop.received:
                     raise KeyboardInterrupt
                 if step >= config.max_steps:
                     break
@@ -197,7 +210,7 @@ def train_loop(
             ) from None
         if step != last_saved:
             save()
-        how = "terminated (SIGTERM)" if stop.received == "SIGTERM" else "interrupted"
+        how = "terminated (SIGTERM)" if stop.received == "SIGTERM" else "interrupted"  # (or told by another process)
         raise TrainingInterrupted(
             f"{how} at step {step}; checkpoint saved in {checkpoints.directory} — run the same command again to resume"
         ) from None

@@ -52,7 +52,7 @@ class ToyTrainer:
             self.weight.copy_(state["weight"])
 
     def evaluate(self, step):
-        return {"w0": float(self.weight[0])}
+        return {"w0": float(self.weight[0].detach())}
 
     def write_images(self, step, path):
         pass
