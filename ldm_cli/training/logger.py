@@ -20,7 +20,7 @@ HEADER = ["step", "name", "value", "time"]
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None, tensorboard: bool = True) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.csv"
         self.writer = None
@@ -39,6 +39,8 @@ class MetricsLogger:
         if new_file:
             self.csv.writerow(HEADER)
             self.file.flush()
+        if not tensorboard:  # train.log_with without tensorboard
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 

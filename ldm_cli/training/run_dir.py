@@ -142,6 +142,15 @@ def start_run(out: Path, command: str, config: Any, enabled: bool = True) -> Ite
     if not enabled:
         yield
         return
+    lock = claim_run(out, command, config)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def claim_run(out: Path, command: str, config: Any) -> "RunLock":
+    """Lock `out` for this process, clear stale temporaries and save the config; release the lock when done."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out)
@@ -149,9 +158,10 @@ def start_run(out: Path, command: str, config: Any, enabled: bool = True) -> Ite
     try:
         remove_stale(out)
         write_config(out, command, config)
-        yield
-    finally:
+    except BaseException:
         lock.release()
+        raise
+    return lock
 
 
 def remove_stale(out: Path) -> list[Path]:
