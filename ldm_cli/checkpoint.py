@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-from ldm_cli.bundle import read_safetensors, write_safetensors
+from safetensors import SafetensorError
+
+from ldm_cli.bundle import normal_mode, read_safetensors, write_safetensors
 from ldm_cli.errors import BundleError, LdmError
 
 STEP_PREFIX = "step_"
@@ -80,6 +82,7 @@ class CheckpointManager:
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"{STEP_PREFIX}{step:07d}"
         staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.directory))
+        normal_mode(staging, directory=True)
         try:
             tensors, skeleton = flatten_state(state)
             write_safetensors(tensors, staging / "state.safetensors")
@@ -90,11 +93,12 @@ class CheckpointManager:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
-        except OSError as error:
+        except (OSError, SafetensorError) as error:  # a full disk: safetensors raises its own error type
             shutil.rmtree(staging, ignore_errors=True)
             previous = self.latest()
             kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
-            raise LdmError(f"could not write checkpoint at step {step} ({error.strerror or error}); {kept}") from error
+            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+            raise LdmError(f"could not write checkpoint at step {step} ({reason}); {kept}") from error
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -110,4 +114,7 @@ class CheckpointManager:
             skeleton = json.loads((path / "state.json").read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise BundleError(f"checkpoint {path} is unreadable ({error})") from error
-        return unflatten_state(skeleton, read_safetensors(path / "state.safetensors"))
+        try:
+            return unflatten_state(skeleton, read_safetensors(path / "state.safetensors"))
+        except (KeyError, TypeError, ValueError) as error:
+            raise BundleError(f"checkpoint {path} is damaged (state.json and state.safetensors disagree: {error}); delete it to resume from the one before") from error

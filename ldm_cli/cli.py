@@ -14,7 +14,7 @@ import click
 import typer
 
 from ldm_cli import __version__
-from ldm_cli.errors import LdmError, UsageError
+from ldm_cli.errors import LdmError, UsageError, one_line
 from ldm_cli.sampling.settings import SamplingSettings
 
 app = typer.Typer(
@@ -376,7 +376,7 @@ def main() -> None:
     except LdmError as error:
         if debug:
             raise
-        typer.echo(f"error: {error}", err=True)
+        typer.echo(f"error: {one_line(error)}", err=True)
         sys.exit(error.exit_code)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)

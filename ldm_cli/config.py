@@ -49,7 +49,8 @@ class TrainConfig:
     channels_last: bool = True
     ema_decay: Optional[float] = None  # e.g. 0.9999; None disables EMA
     seed: int = 0
-    num_workers: int = 0
+    num_workers: Optional[int] = 0  # null: as many as cores available (at most 4)
+    max_nonfinite_steps: int = 0  # NaN/Inf-loss steps to skip (no update) before stopping; 0 stops at the first
     log_every: int = 10
     image_every: int = 200  # sample / reconstruction grids
     eval_every: int = 200  # held-out metrics
@@ -229,6 +230,8 @@ def validate(config: Any) -> None:
         _check(train.grad_accum_steps > 0, "train.grad_accum_steps", "a positive integer", train.grad_accum_steps)
         _check(train.lr > 0, "train.lr", "a positive number", train.lr)
         _check(train.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", "auto, fp32, bf16 or fp16", train.precision)
+        _check(train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "a non-negative integer", train.max_nonfinite_steps)
+        _check(train.num_workers is None or train.num_workers >= 0, "train.num_workers", "null or a non-negative integer", train.num_workers)
         _check(train.keep_last > 0, "train.keep_last", "a positive integer", train.keep_last)
         _check(train.dist_timeout_minutes > 0, "train.dist_timeout_minutes", "a positive number", train.dist_timeout_minutes)
         _check(train.ema_decay is None or 0 < train.ema_decay < 1, "train.ema_decay", "null or a number in (0, 1)", train.ema_decay)

@@ -5,6 +5,17 @@ gets a traceback (always shown with `--debug`).
 """
 
 
+def one_line(error: BaseException) -> str:
+    """The message of `error` as one line: a DataLoader worker re-raises an error with its whole
+    traceback in the message, whose last line is the original message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if len(lines) > 1 and lines[0].startswith("Caught ") and ": " in lines[-1]:
+        return lines[-1].split(": ", 1)[1]
+    return lines[0]
+
+
 class LdmError(Exception):
     """Base class of every failure a user can cause and fix."""
 
@@ -51,3 +62,9 @@ class RunDirError(LdmError):
     """An output directory that exists and would be overwritten."""
 
     exit_code = 7
+
+
+class TrainingError(LdmError):
+    """Training that cannot go on (a NaN or infinite loss); the last good checkpoint is kept."""
+
+    exit_code = 8

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL
-from ldm_cli.bundle import Bundle, load_bundle
+from ldm_cli.bundle import Bundle, check_shapes, load_bundle, require_model_keys
 from ldm_cli.config import from_dict
 from ldm_cli.errors import BundleError
 
@@ -37,7 +37,9 @@ class LoadedAutoencoder:
 
 
 def build_autoencoder(meta: dict, weights: dict[str, torch.Tensor]) -> AutoencoderKL:
-    model = AutoencoderKL(from_dict(meta["autoencoder"], AutoencoderConfig))
+    config = from_dict(meta["autoencoder"], AutoencoderConfig)
+    check_shapes(lambda: AutoencoderKL(config), weights, "autoencoder")  # before allocating the model
+    model = AutoencoderKL(config)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as error:
@@ -48,7 +50,9 @@ def build_autoencoder(meta: dict, weights: dict[str, torch.Tensor]) -> Autoencod
 def load_autoencoder(path: str | Path | Bundle, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedAutoencoder:
     bundle = path if isinstance(path, Bundle) else load_bundle(path)
     if bundle.kind == "latent-diffusion":  # a full model: use the autoencoder it carries
+        require_model_keys(bundle)
         bundle = load_bundle(bundle.path / bundle.meta["autoencoder"]["path"], kind="autoencoder")
+    require_model_keys(bundle)
     model = build_autoencoder(bundle.meta, bundle.tensors("autoencoder")).to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     meta = bundle.meta

@@ -29,10 +29,10 @@ from ldm_cli.eval.metrics import psnr, ssim
 from ldm_cli.grid import make_grid, save_image
 from ldm_cli.training.distributed import DistInfo, device_for, distributed, on_main
 from ldm_cli.training.ema import EMA
-from ldm_cli.training.loop import train_loop
+from ldm_cli.training.loop import check_finite_loss, train_loop
 from ldm_cli.training.optimizer_state import load_optimizer_state
 from ldm_cli.training.precision import autocast, deterministic_kernels, grad_scaler, resolve_device, resolve_precision
-from ldm_cli.training.run_dir import open_run
+from ldm_cli.training.run_dir import claim_run, open_run
 
 
 def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -117,7 +117,7 @@ class AutoencoderTrainer:
         self.loss.train()
         accum = len(micro_batches)
         logs: dict[str, torch.Tensor] = {}  # device tensors: read by the loop only when it logs
-        reconstructions = []
+        reconstructions, total = [], 0.0
         # the generator's GAN term must not reach the discriminator's gradients (its own step follows)
         self.loss.discriminator.requires_grad_(False)
         for micro, batch in enumerate(micro_batches):
@@ -126,12 +126,14 @@ class AutoencoderTrainer:
                 recon, posterior = self.reconstruction(images, self._posterior_noise(images, step, micro))
                 loss, parts = self.loss.generator_loss(images, recon, posterior, step, self.model.last_layer, average=self._average)
             self._backward(loss / accum)
+            total = total + loss.detach().float() / accum
             reconstructions.append(recon.detach())
             for key, value in parts.items():
                 logs[key] = logs.get(key, 0.0) + value.float() / accum
         self.loss.discriminator.requires_grad_(True)
         if self.loss.logvar.grad is not None:  # a parameter outside the DDP modules
             self._average(self.loss.logvar.grad)
+        check_finite_loss(total, self.opt_ae, self.opt_disc)  # before the update: the weights stay as they were
         self._step(self.opt_ae)
         if self.loss.disc_active(step):
             for batch, recon in zip(micro_batches, reconstructions):
@@ -140,6 +142,7 @@ class AutoencoderTrainer:
                 self._backward(d_loss / accum)
                 for key, value in parts.items():
                     logs[key] = logs.get(key, 0.0) + value.float() / accum
+            check_finite_loss(logs.get("disc_loss", 0.0), self.opt_disc)
             self._step(self.opt_disc)
         if self.scaler:
             self.scaler.update()
@@ -220,17 +223,22 @@ def train_autoencoder(config: TrainVaeConfig, out: Path, overrides: list[str], r
 
 
 def _train_autoencoder(config: TrainVaeConfig, out: Path, overrides: list[str], resume: bool, device: torch.device, dist: DistInfo) -> Path:
+    # decides without writing (a failed start leaves --out untouched); every process reads the same directory
     opened = on_main(dist, lambda: open_run(out, "train-vae", config, overrides, resume))
-    # the other processes read the same decision from what the main process wrote
-    config, _ = opened if dist.is_main else open_run(out, "train-vae", config, overrides, resume, write=False)
+    config, _ = opened if dist.is_main else open_run(out, "train-vae", config, overrides, resume)
     data = config.data
     train_set = ImageFolderDataset.from_config(data, split="train", seed=config.train.seed)
     holdout = ImageFolderDataset.from_config(data, split="holdout", seed=config.train.seed)
     if len(holdout) == 0:
         holdout = train_set  # a one-image dataset has no held-out split
     trainer = AutoencoderTrainer(config, holdout, device, dist)
-    train_loop(trainer, train_set, config.train, out, dist, collate=collate_images, description="train-vae")
-    bundle = on_main(dist, lambda: _write_bundle(trainer, train_set, config, out, device))
+    lock = on_main(dist, lambda: claim_run(out, "train-vae", config))  # everything is checked: only now is --out written
+    try:
+        train_loop(trainer, train_set, config.train, out, dist, collate=collate_images, description="train-vae")
+        bundle = on_main(dist, lambda: _write_bundle(trainer, train_set, config, out, device))
+    finally:
+        if lock is not None:
+            lock.release()
     return bundle if bundle is not None else out / "bundle"
 
 

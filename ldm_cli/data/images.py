@@ -20,13 +20,14 @@ import csv
 import hashlib
 import json
 import os
-import warnings
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from PIL import Image, ImageFile, ImageOps
 
 from ldm_cli.errors import ConfigError, DataError
@@ -193,6 +194,15 @@ def find_images(root: Path) -> list[Path]:
 
 def _metadata_rows(path: Path) -> list[tuple[str, dict]]:
     """(where, row) pairs of a metadata.jsonl / metadata.csv file."""
+    try:
+        return _read_metadata_rows(path)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); save it as UTF-8") from None
+    except csv.Error as error:
+        raise DataError(f"{path} is not a readable CSV file ({error})") from None
+
+
+def _read_metadata_rows(path: Path) -> list[tuple[str, dict]]:
     rows = []
     if path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as handle:
@@ -336,7 +346,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         path = str(self.paths[index])
         if path not in self.bad_files:
             self.bad_files.append(path)
-            warnings.warn(f"skipping unreadable image: {error}", stacklevel=3)
+            # one ldm line per file (per process), above any progress bar; `ldm data check` lists them all
+            tqdm.write(f"warning: skipping unreadable image: {error}", file=sys.stderr)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self.paths):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder
-from ldm_cli.bundle import Bundle, load_bundle, write_bundle
+from ldm_cli.bundle import Bundle, check_shapes, load_bundle, require_model_keys, write_bundle
 from ldm_cli.config import from_dict, to_dict
 from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ldm_cli.diffusion.text import TextEncoder, TextEncoderConfig, load_text_encoder, save_text_encoder
@@ -51,6 +51,7 @@ class LatentDiffusion:
 
 
 def build_unet(config: UNetConfig, weights: dict[str, torch.Tensor]) -> UNet:
+    check_shapes(lambda: UNet(config), weights, "U-Net")  # before allocating the model
     unet = UNet(config)
     try:
         unet.load_state_dict(weights, strict=True)
@@ -68,6 +69,7 @@ def text_encoder_config(bundle: Bundle) -> TextEncoderConfig:
 
 def load_latent_diffusion(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LatentDiffusion:
     bundle = load_bundle(path, kind="latent-diffusion")
+    require_model_keys(bundle)
     meta = bundle.meta
     unet = build_unet(from_dict(meta["unet"], UNetConfig), bundle.tensors("unet")).to(device=device, dtype=dtype).eval()
     unet.requires_grad_(False)

@@ -29,11 +29,11 @@ from ldm_cli.sampling.guidance import guide
 from ldm_cli.sampling.samplers import sample_ddim
 from ldm_cli.training.distributed import DistInfo, device_for, distributed, on_main
 from ldm_cli.training.ema import EMA
-from ldm_cli.training.loop import train_loop
+from ldm_cli.training.loop import check_finite_loss, train_loop
 from ldm_cli.training.master_weights import MasterWeights
 from ldm_cli.training.optimizer_state import load_optimizer_state
 from ldm_cli.training.precision import autocast, deterministic_kernels, grad_scaler, resolve_device, resolve_precision
-from ldm_cli.training.run_dir import open_run
+from ldm_cli.training.run_dir import claim_run, open_run
 
 
 class TextConditioning:
@@ -144,6 +144,7 @@ class DiffusionTrainer:
             if self.master:
                 self.master.gradients_to_master()
             total += loss.detach()
+        check_finite_loss(total, self.optimizer)  # before the update: the weights stay as they were
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         logs = {}
@@ -306,23 +307,28 @@ def _train_unet(
         )
     text_encoder = load_text_encoder(config.text_encoder, device=device)
     check_compatible(config, data, text_encoder.width, overrides)
+    # decides without writing (a failed start leaves --out untouched); every process reads the same directory
     opened = on_main(dist, lambda: open_run(out, "train-diffusion", config, overrides, resume))
-    # the other processes read the same decision from what the main process wrote
-    config, _ = opened if dist.is_main else open_run(out, "train-diffusion", config, overrides, resume, write=False)
+    config, _ = opened if dist.is_main else open_run(out, "train-diffusion", config, overrides, resume)
     cached = _cache_matches(data, config)
     conditioning = TextConditioning(text_encoder, device, data.uncond_text() if cached else None)
     trainer = DiffusionTrainer(config, data, autoencoder, conditioning, device, dist, init_weights)
-    train_loop(trainer, data, config.train, out, dist, collate=collate_latents, description="train-diffusion")
-    bundle = on_main(dist, lambda: write_latent_diffusion_bundle(
-        out / "bundle",
-        trainer.shipped_weights(),
-        config.unet,
-        config.schedule,
-        config.text_encoder,
-        text_encoder,
-        autoencoder.bundle,
-        {"trained_steps": config.train.max_steps, "validation": trainer.evaluate(config.train.max_steps), "latents": str(latents)},
-    ))
+    lock = on_main(dist, lambda: claim_run(out, "train-diffusion", config))  # everything is checked: only now is --out written
+    try:
+        train_loop(trainer, data, config.train, out, dist, collate=collate_latents, description="train-diffusion")
+        bundle = on_main(dist, lambda: write_latent_diffusion_bundle(
+            out / "bundle",
+            trainer.shipped_weights(),
+            config.unet,
+            config.schedule,
+            config.text_encoder,
+            text_encoder,
+            autoencoder.bundle,
+            {"trained_steps": config.train.max_steps, "validation": trainer.evaluate(config.train.max_steps), "latents": str(latents)},
+        ))
+    finally:
+        if lock is not None:
+            lock.release()
     return bundle.path if bundle is not None else out / "bundle"
 
 

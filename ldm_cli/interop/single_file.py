@@ -63,13 +63,54 @@ def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
     return tensors, metadata
 
 
+def pickled_globals(path: Path) -> list[str]:
+    """The `module.name` globals a pickle (bare, or torch's zip archive) would import, read from its
+    opcodes without unpickling anything."""
+    import io
+    import pickletools
+    import zipfile
+
+    data = Path(path).read_bytes()
+    if data.startswith(_ZIP_MAGIC):
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            member = next((name for name in archive.namelist() if name.endswith("data.pkl")), None)
+            data = archive.read(member) if member else b""
+    found, strings = [], []
+    stream = io.BytesIO(data)
+    try:
+        while stream.tell() < len(data):  # legacy torch.save: several pickles, then raw storage bytes
+            for opcode, argument, _ in pickletools.genops(stream):
+                if opcode.name in ("GLOBAL", "INST"):
+                    found.append(str(argument).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(argument, str):
+                    strings.append(argument)
+    except Exception:  # not (or no longer) a pickle: report what was found before
+        pass
+    return list(dict.fromkeys(found))
+
+
+def _code_globals(path: Path) -> list[str]:
+    """Globals the weights-only unpickler refuses: what loading the file would run or import."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = set(_get_allowed_globals())
+    except ImportError:  # a torch without the private list: name every global outside torch
+        allowed = set()
+    safe = {f"{getattr(g, '__module__', '')}.{getattr(g, '__name__', '')}" for g in torch.serialization.get_safe_globals()}
+    return [name for name in pickled_globals(path) if name not in allowed | safe and not name.startswith("torch.")]
+
+
 def _load_weights_only(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         needs = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-        if needs or "Unsupported operand" in str(error):
-            what = f" ({needs.group(1)})" if needs else ""
+        code = _code_globals(path)
+        if code or needs or "Unsupported operand" in str(error):
+            what = f" (it would run code: {', '.join(code[:3])})" if code else (f" ({needs.group(1)})" if needs else "")
             raise BundleError(
                 f"{path} needs arbitrary Python code to load{what} and ldm does not unpickle code; on a machine "
                 "where you trust this file, load it with full unpickling, save its state dict with "

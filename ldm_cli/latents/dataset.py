@@ -149,7 +149,10 @@ class LatentDataset(torch.utils.data.Dataset):
         path = self.root / UNCOND_FILE
         if not path.is_file():
             raise DataError(f"{path} is missing; re-run `ldm encode --cache-text` into {self.root}")
-        return torch.from_numpy(np.load(path).astype(np.float32))[0]
+        try:
+            return torch.from_numpy(np.load(path).astype(np.float32))[0]
+        except (OSError, ValueError, EOFError, IndexError) as error:
+            raise DataError(f"{path} is damaged ({error}); delete it and re-run `ldm encode --cache-text` into {self.root}") from None
 
     # --- items ------------------------------------------------------------------------------------
 

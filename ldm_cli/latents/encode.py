@@ -21,6 +21,7 @@ import math
 import os
 import secrets
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -348,6 +349,11 @@ def _encode_dataset(
         _write_json_atomic(out / INDEX_FILE, index)
         if not index["complete"]:
             raise DataError(f"{num_shards - len(known)} of {num_shards} shards in {out} are missing; re-run `ldm encode` to finish")
+        if index["count"] == 0:
+            raise DataError(
+                f"none of the {index['num_files']} images in {root} could be read, so {out} holds no latents; "
+                f"see `ldm data check {root}`, then encode into a new --out"
+            )
         if index["bad_images"]:
             tqdm.write(f"warning: skipped {index['bad_images']} unreadable image(s): {', '.join(index['bad_files'][:5])}")
         return index
@@ -390,7 +396,7 @@ def _encode_shards(
         buffer = buffers[batch["first"] // size]
         for index, error in batch["bad"]:
             buffer.bad_files.append(images.paths[index].relative_to(images.root).as_posix())
-            tqdm.write(f"skipping unreadable image: {error}")
+            tqdm.write(f"warning: skipping unreadable image: {error}", file=sys.stderr)
         if batch["images"] is not None:
             captions = [images.captions[i] for i in batch["indices"]]
             paths = [images.paths[i].relative_to(images.root).as_posix() for i in batch["indices"]]

@@ -10,6 +10,7 @@ image from its own metadata (recomputing its batch when it was made in one, for 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from ldm_cli.bundle import file_sha256
 from ldm_cli.config import SampleConfig
 from ldm_cli.data.images import IMAGE_EXTENSIONS, load_image_rgb, pil_to_tensor, tensor_to_pil
 from ldm_cli.diffusion.load import LatentDiffusion, load_latent_diffusion
-from ldm_cli.errors import DataError, UsageError
+from ldm_cli.errors import DataError, LdmError, UsageError
 from ldm_cli.grid import make_grid
 from ldm_cli.sampling.metadata import png_info, read_metadata
 from ldm_cli.sampling.pipeline import ImageJob, InitLatent, SamplingPipeline, check_image_size
@@ -273,6 +274,17 @@ class OutputFolder:
                     highest = max(highest, int(match.group(1)))
         return highest + 1
 
+    def _claim_grid(self, stem: str) -> Path:
+        """`stem.png`, or `stem-1.png`, ... when taken: a grid never replaces an existing file."""
+        for number in itertools.count():
+            path = self.path / (f"{stem}.png" if number == 0 else f"{stem}-{number}.png")
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                return path
+            except FileExistsError:
+                continue
+        raise AssertionError("unreachable")
+
     def _claim(self, name_of_index) -> Path:
         self.path.mkdir(parents=True, exist_ok=True)
         if self.index is None:
@@ -290,9 +302,9 @@ class OutputFolder:
         self.index += 1  # type: ignore[operator]
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", pnginfo=png_info(meta))
-        path.write_bytes(buffer.getvalue())
+        write_atomic(path, buffer.getvalue())
         if json_sidecar:
-            path.with_suffix(".json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            write_atomic(path.with_suffix(".json"), (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
         return path
 
     def write_grid(self, images: list[torch.Tensor], columns: int, first: Path, last: Path) -> Path:
@@ -302,9 +314,26 @@ class OutputFolder:
         padded = torch.ones(len(images), 3, height, width)
         for i, image in enumerate(images):
             padded[i, :, : image.shape[-2], : image.shape[-1]] = image
-        path = self.path / f"grid-{first.name.split('-')[0]}-{last.name.split('-')[0]}.png"
-        make_grid(padded, columns).save(path)
+        path = self._claim_grid(f"grid-{first.name.split('-')[0]}-{last.name.split('-')[0]}")
+        buffer = io.BytesIO()
+        make_grid(padded, columns).save(buffer, format="PNG")
+        write_atomic(path, buffer.getvalue())
         return path
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write through a temporary file and a rename: a full disk leaves no half-written or 0-byte image."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # the name claimed for it
+        raise LdmError(f"could not write {path} ({error.strerror or error}); nothing was left in its place") from error
 
 
 def _grid_columns(count: int, per_row: int) -> int:

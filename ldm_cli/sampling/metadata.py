@@ -21,6 +21,15 @@ PARAMETERS_KEY = "parameters"
 # what a replay cannot do without
 REQUIRED_KEYS = ("mode", "prompt", "negative_prompt", "seed", "steps", "sampler", "guidance_scale",
                  "height", "width", "timestep_spacing", "karras_sigmas", "precision", "model")
+# the type each field must have for a replay to read it (a crafted PNG gets one line, not a traceback)
+FIELD_TYPES = (
+    ("mode", (str,), "a string"), ("prompt", (str,), "a string"), ("negative_prompt", (str,), "a string"),
+    ("sampler", (str,), "a string"), ("timestep_spacing", (str,), "a string"), ("precision", (str,), "a string"),
+    ("model", (str,), "a string"), ("seed", (int,), "an integer"), ("steps", (int,), "an integer"),
+    ("height", (int,), "an integer"), ("width", (int,), "an integer"), ("karras_sigmas", (bool,), "true or false"),
+    ("guidance_scale", (int, float), "a number"), ("strength", (int, float), "a number"), ("eta", (int, float), "a number"),
+    ("init_sha256", (str,), "a string"), ("init_image", (str,), "a string"),
+)
 # AUTOMATIC1111's display names, so model sites and viewers recognise the sampler
 A1111_SAMPLER_NAMES = {
     "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
@@ -79,4 +88,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise DataError(f"the '{METADATA_KEY}' metadata of {path} lacks {', '.join(missing)}; it cannot be replayed")
     if meta["mode"] == "img2img" and not {"init_sha256", "strength"} <= set(meta):
         raise DataError(f"the img2img metadata of {path} lacks the init image's hash or strength; it cannot be replayed")
+    for key, kinds, expected in FIELD_TYPES:
+        value = meta.get(key)
+        if (value is not None or key in REQUIRED_KEYS) and (not isinstance(value, kinds) or isinstance(value, bool) != (bool in kinds)):
+            raise DataError(f"the '{METADATA_KEY}' metadata of {path} has {key}={value!r}, not {expected}; it cannot be replayed")
+    batch = meta.get("batch")
+    if batch is not None and not (
+        isinstance(batch, dict) and isinstance(batch.get("seeds"), list) and isinstance(batch.get("prompts"), list)
+        and all(isinstance(seed, int) and not isinstance(seed, bool) for seed in batch["seeds"])
+        and all(isinstance(prompt, str) for prompt in batch["prompts"])
+    ):
+        raise DataError(f"the '{METADATA_KEY}' metadata of {path} has a malformed batch (seeds and prompts lists); it cannot be replayed")
     return meta

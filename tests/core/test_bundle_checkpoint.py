@@ -31,7 +31,7 @@ def test_bundle_errors(tmp_path):
         load_bundle(tmp_path / "empty")
     bundle = write_bundle(tmp_path / "b", "autoencoder", {"autoencoder": {"w": torch.ones(3)}}, {})
     (bundle.path / "autoencoder.safetensors").write_bytes(b"garbage")
-    with pytest.raises(BundleError, match="corrupt or truncated"):
+    with pytest.raises(BundleError, match="autoencoder.safetensors is corrupt: its sha256"):
         load_bundle(bundle.path).tensors("autoencoder")
 
 

@@ -204,7 +204,7 @@ def make_folder_with_bad_files(root: Path) -> list[str]:
     return good
 
 
-def test_bad_files_are_skipped_counted_and_warned_once(tmp_path):
+def test_bad_files_are_skipped_counted_and_reported_once(tmp_path, capsys):
     good = make_folder_with_bad_files(tmp_path)
     dataset = ImageFolderDataset(tmp_path, resolution=8, split="all")
     assert len(dataset) == 8
@@ -214,8 +214,10 @@ def test_bad_files_are_skipped_counted_and_warned_once(tmp_path):
         second = [dataset[i]["path"] for i in range(len(dataset))]
     assert sorted(dataset.bad_files) == sorted(str(tmp_path / n) for n in
                                                 ["bad_truncated.jpg", "bad_empty.png", "bad_garbage.png"])
-    skipped = [str(w.message) for w in caught if "skipping unreadable image" in str(w.message)]
-    assert len(skipped) == 3 and any("bad_empty.png" in message for message in skipped)
+    assert not [w for w in caught if "unreadable" in str(w.message)]  # ldm's own lines, not Python warnings
+    skipped = capsys.readouterr().err.splitlines()
+    assert len(skipped) == 3 and all(line.startswith("warning: skipping unreadable image: ") for line in skipped)
+    assert any("bad_empty.png" in line for line in skipped)
     assert set(first) == set(good) and first == second  # every good item, deterministic substitutes
     # a bad item is replaced by the next good one in order
     assert first[0] == str(tmp_path / "good0.png") and dataset[0]["index"] == 3
@@ -380,3 +382,12 @@ def test_large_jpeg_reduced_decode_matches_full_decode(tmp_path):
     assert load_image_rgb(tmp_path / "big.jpg", min_size=32).size == (32, 32)  # decoded at 1/8
     assert load_image_rgb(tmp_path / "big.jpg", min_size=33).size == (64, 64)  # never below min_size
     assert (dataset[0]["image"] - full).abs().max() < 0.06
+
+
+@pytest.mark.parametrize("name", ["metadata.csv", "metadata.jsonl"])
+def test_non_utf8_metadata_is_one_line(tmp_path, name):
+    noise_image(12, 12).save(tmp_path / "a.png")
+    body = "file_name,text\na.png,caf\xe9\n" if name.endswith(".csv") else '{"file_name": "a.png", "text": "caf\xe9"}\n'
+    (tmp_path / name).write_bytes(body.encode("latin-1"))
+    with pytest.raises(DataError, match=f"{name} is not UTF-8 text \\(byte 0xe9 at offset \\d+\\); save it as UTF-8"):
+        ImageFolderDataset(tmp_path, resolution=8, split="all")

@@ -243,6 +243,48 @@ def test_bf16_weights_are_refused_for_the_autoencoder():
         load_config("train_vae", ["train.bf16_weights=true"])
 
 
+def test_resume_repeats_the_runs_own_group_choices_and_refuses_another_architecture(latents, tmp_path):
+    from ldm_cli.errors import RunDirError
+
+    run(latents, tmp_path / "run", 2)
+    again = [*UNET, *TRAIN, "train.max_steps=3"]  # the original overrides (groups unet, text_encoder, train), longer
+    train_unet(load_config("train_diffusion", again), latents, tmp_path / "run", again, resume=True, device_name="cpu")
+    assert load_bundle(tmp_path / "run").meta["trained_steps"] == 3
+    wider = [*again, "unet.block_out_channels=[16,48]", "train.max_steps=4"]
+    with pytest.raises(RunDirError, match="--resume cannot change unet.block_out_channels: saved \\[16, 32\\], now \\[16, 48\\]"):
+        train_unet(load_config("train_diffusion", wider), latents, tmp_path / "run", wider, resume=True, device_name="cpu")
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_stops_every_process_and_saves_a_checkpoint(latents, tmp_path):
+    """torchrun forwards SIGTERM to each process; they stop together at one step boundary and the main one saves."""
+    import signal
+    import time
+
+    out = tmp_path / "ddp"
+    overrides = [*UNET, *TRAIN, "train.max_steps=500", "train.batch_size=2", "train.checkpoint_every=1000",
+                 "train.eval_every=1000", "train.image_every=1000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        "-m", "ldm_cli.cli", "train-diffusion", "--latents", str(latents), "--out", str(out), "--device", "cpu", *overrides,
+    ]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        metrics = out / "metrics.csv"
+        if metrics.is_file() and ",train/loss," in metrics.read_text():
+            break
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "terminated (SIGTERM) at step" in stderr, stderr[-2000:]
+    saved = sorted((out / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and 0 < int(saved[0].name.split("_")[1]) < 500
+    assert not (out / ".lock").exists()
+
+
 def test_caption_memo_stays_in_host_memory(latents):
     """Embeddings memoised for 50,000 captions would fill a GPU; only each batch travels to the device."""
     from ldm_cli.diffusion.text import TextEncoderConfig, load_text_encoder

@@ -464,3 +464,20 @@ def test_sd15_sized_checkpoint_is_read_correctly():
     tokenizer = type("Tokenizer", (), {"bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407})()
     config = _clip_config(clip_l, tokenizer, None)
     assert (config.num_attention_heads, config.num_hidden_layers, config.intermediate_size, config.hidden_act) == (12, 12, 3072, "quick_gelu")
+
+
+class RunsACommand:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_pickle_that_would_run_code_is_refused_saying_what_it_would_run(tmp_path, legacy):
+    from ldm_cli.interop.single_file import read_checkpoint
+
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"w": torch.ones(2), "x": RunsACommand()}, ckpt, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(BundleError, match=r"it would run code: posix\.system\) and ldm does not unpickle code"):
+        read_checkpoint(ckpt)

@@ -279,6 +279,36 @@ def test_torchrun_two_processes_match_one(vae, data, tmp_path):
     np.testing.assert_allclose(shard_arrays(out, "mean"), shard_arrays(single, "mean"), atol=1e-6)
 
 
+def test_a_folder_whose_images_are_all_unreadable_is_an_error(vae, tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(b"not an image")
+    with pytest.raises(DataError, match="none of the 2 images in .*broken could be read.*ldm data check"):
+        encode_dataset(vae, make_config(folder), tmp_path / "latents", device_name="cpu")
+
+
+def test_damaged_latent_files_are_one_line_also_inside_a_dataloader_worker(vae, data, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from ldm_cli.errors import one_line
+    from ldm_cli.latents.dataset import collate_latents
+
+    out = tmp_path / "latents"
+    encode_dataset(vae, make_config(data), out, cache_text=True, device_name="cpu")
+    uncond = out / "text_uncond.npy"
+    uncond.write_bytes(uncond.read_bytes()[:-10])
+    with pytest.raises(DataError, match="text_uncond.npy is damaged .*re-run `ldm encode --cache-text`"):
+        LatentDataset(out).uncond_text()
+    mean = out / "shard_00001" / "mean.npy"
+    mean.write_bytes(mean.read_bytes()[:-64])
+    loader = DataLoader(LatentDataset(out), batch_size=4, num_workers=1, collate_fn=collate_latents)
+    with pytest.raises(DataError) as caught:
+        list(loader)
+    assert one_line(caught.value).startswith("shard ") and "shard_00001 is damaged" in one_line(caught.value)
+    assert "delete it and re-run `ldm encode`" in one_line(caught.value)
+
+
 @pytest.mark.slow
 def test_torchrun_encode_exits_cleanly_every_time(vae, data, tmp_path):
     """Finished processes exit 0: two launches at once, twice over, one thread each (the load under

@@ -1,0 +1,115 @@
+"""Bundles refuse what would sample garbage or exhaust memory: flipped bytes, NaN weights, huge configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from ldm_cli.autoencoder.load import load_autoencoder
+from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL
+from ldm_cli.bundle import load_bundle, write_bundle
+from ldm_cli.checkpoint import CheckpointManager
+from ldm_cli.config import to_dict
+from ldm_cli.errors import BundleError, one_line
+
+TINY = AutoencoderConfig(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4)
+
+
+def tiny_autoencoder_bundle(path):
+    torch.manual_seed(0)
+    model = AutoencoderKL(TINY)
+    meta = {"autoencoder": to_dict(TINY), "latent_scale": 0.5, "latent_shift": 0.0, "resolution": 16}
+    return write_bundle(path, "autoencoder", {"autoencoder": model.state_dict()}, meta)
+
+
+def test_bytes_changed_inside_the_weights_are_refused_with_the_file_named(tmp_path):
+    bundle = tiny_autoencoder_bundle(tmp_path / "vae")
+    weights = bundle.path / "autoencoder.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:-4] = b"\x00\x00\xc0\x7f"  # a NaN poked into the last float: the file still parses
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="autoencoder.safetensors is corrupt: its sha256 is .*restore the file"):
+        load_autoencoder(bundle.path)
+
+
+def test_a_config_claiming_huge_shapes_is_refused_before_allocating(tmp_path):
+    bundle = tiny_autoencoder_bundle(tmp_path / "vae")
+    meta = json.loads((bundle.path / "bundle.json").read_text())
+    meta["autoencoder"]["block_out_channels"] = [32768, 65536]  # ~100 GB of float32 if built
+    (bundle.path / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="autoencoder weights do not match its config in bundle.json: .* is \\(8, 3, 3, 3\\) in the file, the config makes it \\(32768, 3, 3, 3\\)"):
+        load_autoencoder(bundle.path)
+
+
+@pytest.mark.parametrize("drop", ["hashes", "latent_scale", "autoencoder"])
+def test_a_bundle_json_missing_keys_is_one_line(tmp_path, drop):
+    bundle = tiny_autoencoder_bundle(tmp_path / "vae")
+    meta = json.loads((bundle.path / "bundle.json").read_text())
+    del meta[drop]
+    (bundle.path / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=f"bundle.json lacks {drop}; the bundle is incomplete"):
+        load_autoencoder(bundle.path)
+
+
+@pytest.mark.parametrize("poison", ["weight", "scale"])
+def test_non_finite_weights_or_scale_are_never_written(tmp_path, poison):
+    weights = {"w": torch.ones(3)}
+    meta = {"latent_scale": 0.5}
+    if poison == "weight":
+        weights["w"][1] = float("nan")
+    else:
+        meta["latent_scale"] = float("inf")
+    with pytest.raises(BundleError, match="refusing to write a bundle: (autoencoder weight w holds NaN|latent_scale is inf)"):
+        write_bundle(tmp_path / "b", "autoencoder", {"autoencoder": weights}, meta)
+    assert not (tmp_path / "b").exists() and not list(tmp_path.iterdir())
+
+
+def test_bundles_and_checkpoints_get_the_umask_modes(tmp_path):
+    bundle = tiny_autoencoder_bundle(tmp_path / "vae")
+    saved = CheckpointManager(tmp_path / "run").save(1, {"x": torch.ones(1)})
+    umask = os.umask(0)
+    os.umask(umask)
+    for directory in (bundle.path, saved):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o777 & ~umask
+    for path in (bundle.path / "autoencoder.safetensors", saved / "state.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.slow
+def test_a_disk_filling_during_a_checkpoint_save_is_one_line_and_keeps_the_previous(tmp_path):
+    """A real write failure (the file-size limit stands in for a full disk): safetensors raises its own error."""
+    script = textwrap.dedent(f"""
+        import resource, signal, torch
+        from ldm_cli.checkpoint import CheckpointManager
+        from ldm_cli.errors import LdmError
+        manager = CheckpointManager({str(tmp_path)!r})
+        manager.save(1, {{"x": torch.ones(4)}})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            manager.save(2, {{"x": torch.ones(100_000)}})
+        except LdmError as error:
+            print("LDM", error)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("LDM could not write checkpoint at step 2") and "step_0000001 is intact" in result.stdout
+    assert [p.name for p in CheckpointManager(tmp_path).all()] == ["step_0000001"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_an_error_raised_in_a_dataloader_worker_prints_as_its_own_line():
+    wrapped = RuntimeError(
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n    raise DataError("shard 3 is damaged")\nldm_cli.errors.DataError: shard 3 is damaged\n'
+    )
+    assert one_line(wrapped) == "shard 3 is damaged"
+    assert one_line(ValueError("first\nsecond")) == "first"
