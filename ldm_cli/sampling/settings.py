@@ -12,6 +12,7 @@ from ldm_cli.errors import ConfigError, DataError, UsageError
 
 DEFAULT_SAMPLER = "dpmpp_2m"
 SPACINGS = ("leading", "trailing", "linspace")
+TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class SamplingSettings:
             else:
                 fits = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
             if not fits:
-                raise DataError(f"the metadata of {source} has {item.name}={value!r}, not a {kind.__name__}; it cannot be replayed")
+                raise DataError(f"the metadata of {source} has {item.name}={value!r}, not {TYPE_WORDS[kind]}; it cannot be replayed")
             values[item.name] = kind(value)
         if meta.get("mode") != "img2img":
             values["strength"] = 1.0

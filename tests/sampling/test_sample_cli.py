@@ -108,7 +108,7 @@ def test_replay_notes_an_image_made_by_another_ldm_version(ldm, model_dir, tmp_p
         ({"height": 100000, "width": 100000}, 2, "--height must be between 1 and 4096"),
         ({"guidance_scale": float("nan")}, 2, "--guidance-scale must be a finite number"),
         ({"steps": 10**9, "karras_sigmas": True}, 2, "exceeds the limit of 1000"),
-        ({"steps": "many"}, 3, "steps='many', not a int"),
+        ({"steps": "many"}, 3, "steps='many', not an integer"),
         ({"batch": {"seeds": list(range(20000)), "prompts": ["x"] * 20000}}, 2, "batch of 20000, over the limit of 256"),
         ({"batch": {"seeds": "0"}}, 3, "the batch recorded in"),
     ],
