@@ -205,6 +205,7 @@ ETA = typer.Option(None, "--eta", help="Noise of ancestral/SDE/DDIM samplers (de
 PRECISION = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16 (fp16 on CUDA only)")
 GRID = typer.Option(False, "--grid", help="Also write a contact sheet of the run's images.")
 JSON_SIDECAR = typer.Option(False, "--json", help="Also write each image's metadata as a .json beside it.")
+LORA = typer.Option(None, "--lora", help="A LoRA file (kohya/A1111 or diffusers/PEFT .safetensors), FILE or FILE:SCALE; repeat to add several. Merged into the weights at load.")
 SAMPLE_OUT = typer.Option(None, "--out", help="Output folder (required); existing files are never overwritten.")
 
 
@@ -235,6 +236,7 @@ def sample(
     grid: bool = GRID,
     as_json: bool = JSON_SIDECAR,
     out: Optional[Path] = SAMPLE_OUT,
+    lora: Optional[list[str]] = LORA,
     replay: Optional[Path] = typer.Option(None, "--replay", help="Remake an image from its PNG metadata (all other settings come from it)."),
     config_dir: Optional[Path] = CONFIG_DIR,
     show_config: bool = SHOW_CONFIG,
@@ -246,15 +248,15 @@ def sample(
     from ldm_cli.sampling.commands import SampleRequest, run_replay, run_sample
 
     if replay is not None:
-        if prompt or prompt_file:
-            raise UsageError("--replay takes the prompt and every setting from the image; drop --prompt/--prompt-file")
+        if prompt or prompt_file or lora:
+            raise UsageError("--replay takes the prompt, LoRAs and every setting from the image; drop --prompt/--prompt-file/--lora")
         written = run_replay(replay, out, config, model=model, device_name=device, json_sidecar=as_json)
     else:
         written = run_sample(SampleRequest(
             out=out, model=model, prompts=list(prompt or []), prompt_file=prompt_file, negative_prompt=negative_prompt,
             num_images=num_images, batch_size=batch_size, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
             seed=seed, height=height, width=width, eta=eta, precision=precision, device=device, grid=grid,
-            json_sidecar=as_json,
+            json_sidecar=as_json, loras=list(lora or []),
         ), config)
     typer.echo(written.summary())
 
@@ -281,6 +283,7 @@ def img2img(
     grid: bool = GRID,
     as_json: bool = JSON_SIDECAR,
     out: Optional[Path] = SAMPLE_OUT,
+    lora: Optional[list[str]] = LORA,
     config_dir: Optional[Path] = CONFIG_DIR,
     show_config: bool = SHOW_CONFIG,
     overrides: Optional[list[str]] = OVERRIDES,
@@ -294,7 +297,7 @@ def img2img(
         out=out, model=model, prompts=list(prompt or []), prompt_file=prompt_file, negative_prompt=negative_prompt,
         num_images=num_images, batch_size=batch_size, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
         seed=seed, height=height, width=width, eta=eta, precision=precision, device=device, grid=grid,
-        json_sidecar=as_json, init=init, strength=strength,
+        json_sidecar=as_json, init=init, strength=strength, loras=list(lora or []),
     ), config)
     typer.echo(written.summary())
 
