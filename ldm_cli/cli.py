@@ -189,6 +189,25 @@ def train_diffusion(
     typer.echo(f"latent-diffusion bundle: {bundle}")
 
 
+@app.command("train-lora")
+def train_lora_command(
+    latents: Path = typer.Option(..., "--latents", help="Latent dataset from `ldm encode` (with the base model's autoencoder)."),
+    base: Path = typer.Option(..., "--base", help="The frozen base model: a latent-diffusion bundle or run."),
+    out: Path = typer.Option(Path("runs/lora"), "--out", help="Run directory; RUN/lora.safetensors is the product (re-running resumes)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out with its saved config."),
+    device: str = DEVICE,
+    config_dir: Optional[Path] = CONFIG_DIR,
+    show_config: bool = SHOW_CONFIG,
+    overrides: Optional[list[str]] = OVERRIDES,
+) -> None:
+    """Train LoRA adapters (lora.rank, lora.targets, ...) on a frozen base model; writes a kohya/A1111 LoRA file."""
+    config = _config("train_lora", overrides, config_dir, [], show_config)
+    from ldm_cli.adapters.train import train_lora
+
+    path = train_lora(config, latents, base, out, list(overrides or []), resume=resume, device_name=device)
+    typer.echo(f"LoRA: {path}")
+
+
 # options shared by `sample` and `img2img`
 PROMPT = typer.Option(None, "--prompt", help='Text prompt; repeat for several. --prompt "" samples unconditionally.')
 PROMPT_FILE = typer.Option(None, "--prompt-file", help="A text file with one prompt per line.")
