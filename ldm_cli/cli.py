@@ -330,12 +330,13 @@ def convert_command(
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA U-Net of an original SD file when it has one."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Hub id or folder: the tokenizer for a single file's CLIP weights, or the text encoder when the source has none."),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Image side the model was trained at (default: the source's, else 512)."),
+    merge_lora: Optional[list[str]] = typer.Option(None, "--merge-lora", help="Bake a LoRA (FILE or FILE:SCALE) into the weights; repeat for several."),
 ) -> None:
     """Import Stable Diffusion checkpoints as ldm bundles, or export a bundle to diffusers / one SD file."""
     from ldm_cli.interop.convert import ImportOptions, convert_model
 
     options = ImportOptions(prediction_type=prediction_type, use_ema=ema, text_encoder=text_encoder, resolution=resolution)
-    convert_model(source, out, to=to, options=options, log=typer.echo)
+    convert_model(source, out, to=to, options=options, log=typer.echo, merge_lora=list(merge_lora or []))
 
 
 def main() -> None:
