@@ -40,6 +40,11 @@ def inject_lora(unet: nn.Module, config: LoraConfig) -> list[str]:
     return adapted_modules(unet)
 
 
+def base_state(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen weights under their own names (peft moves W to `<module>.base_layer.weight`)."""
+    return {key.replace(".base_layer.", "."): value for key, value in unet.state_dict().items() if ".lora_" not in key}
+
+
 def adapted_modules(unet: nn.Module) -> list[str]:
     return [name for name, module in unet.named_modules() if hasattr(module, "lora_A") and ADAPTER in module.lora_A]
 

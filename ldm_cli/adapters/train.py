@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ldm_cli.adapters.files import read_lora_file
-from ldm_cli.adapters.inject import adapted_modules, inject_lora, load_lora_layers, lora_layers
+from ldm_cli.adapters.inject import adapted_modules, base_state, inject_lora, load_lora_layers, lora_layers
 from ldm_cli.adapters.kohya import write_kohya_file
 from ldm_cli.adapters.metadata import kohya_metadata
 from ldm_cli.adapters.targets import ModelTargets
@@ -57,7 +57,7 @@ class LoraTrainer(DiffusionTrainer):
         inject_lora(unet, lora)
         if lora.init_from:
             file = read_lora_file(lora.init_from)
-            load_lora_layers(unet, ModelTargets.of(unet.state_dict(), None).resolve(file))
+            load_lora_layers(unet, ModelTargets.of(base_state(unet), None).resolve(file))
         return unet
 
     def weights(self) -> dict[str, torch.Tensor]:

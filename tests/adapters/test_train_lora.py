@@ -72,3 +72,32 @@ def test_lora_file_metadata_and_sampling_with_it(base_and_latents, tmp_path):
     merged = load_latent_diffusion(base, loras=[(read_lora_file(path), 1.0)])
     changed = [k for k, v in plain.unet.state_dict().items() if not torch.equal(v, merged.unet.state_dict()[k])]
     assert changed and all("attn" in key for key in changed)
+
+
+def test_init_from_continues_a_lora_file_with_its_own_alpha(tmp_path):
+    from ldm_cli.adapters.config import LoraConfig
+    from ldm_cli.adapters.inject import base_state, inject_lora, load_lora_layers, lora_layers
+    from ldm_cli.adapters.kohya import write_kohya_file
+    from ldm_cli.adapters.targets import ModelTargets
+    from ldm_cli.diffusion.unet import UNet
+    from tests.sampling.helpers import tiny_unet_config
+
+    unet = UNet(tiny_unet_config())
+    inject_lora(unet, LoraConfig(rank=2, targets="all"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if ".lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    layers = lora_layers(unet, alpha=2.0)
+    for layer in layers.values():
+        layer.alpha = 0.5  # a file whose alpha differs from lora.alpha
+    write_kohya_file(layers, tmp_path / "start.safetensors", {})
+    fresh = UNet(tiny_unet_config())
+    inject_lora(fresh, LoraConfig(rank=2, alpha=4.0, targets="all"))
+    load_lora_layers(fresh, ModelTargets.of(base_state(fresh), None).resolve(read_lora_file(tmp_path / "start.safetensors")))
+    continued = lora_layers(fresh, alpha=4.0)
+    assert sorted(continued) == sorted(layers)
+    for name, layer in layers.items():
+        shape = fresh.get_submodule(name.split(".", 1)[1]).get_base_layer().weight.shape
+        torch.testing.assert_close(continued[name].delta(shape), layer.delta(shape), rtol=1e-5, atol=1e-6)
