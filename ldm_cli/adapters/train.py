@@ -26,10 +26,10 @@ from ldm_cli.diffusion.train import DiffusionTrainer, TextConditioning, _cache_m
 from ldm_cli.diffusion.unet import UNet
 from ldm_cli.errors import ConfigError, IncompatibleError
 from ldm_cli.latents.dataset import LatentDataset, collate_latents
-from ldm_cli.training.distributed import barrier, device_for, init_distributed
+from ldm_cli.training.distributed import DistInfo, device_for, distributed, on_main
 from ldm_cli.training.ema import EMA
 from ldm_cli.training.loop import train_loop
-from ldm_cli.training.precision import resolve_device
+from ldm_cli.training.precision import deterministic_kernels, resolve_device
 from ldm_cli.training.run_dir import open_run
 
 LORA_FILE = "lora.safetensors"
@@ -88,8 +88,14 @@ def train_lora(
     if config.train.bf16_weights:
         raise ConfigError("train.bf16_weights: LoRA training keeps the frozen base as it is; set train.bf16_weights=false")
     device = resolve_device(device_name)
-    dist = init_distributed(device)
-    device = device_for(device, dist)
+    with distributed(device, config.train.dist_timeout_minutes) as dist, deterministic_kernels(config.train.deterministic):
+        return _train_lora(config, latents, Path(base_path), Path(out), overrides, resume, device_for(device, dist), dist)
+
+
+def _train_lora(
+    config: TrainLoraConfig, latents: Path, base_path: Path, out: Path, overrides: list[str], resume: bool,
+    device: torch.device, dist: DistInfo,
+) -> Path:
     data = LatentDataset(latents)
     base = load_latent_diffusion(base_path)
     if base.autoencoder.bundle.content_hash != data.autoencoder_hash:
@@ -100,19 +106,15 @@ def train_lora(
     # the base model decides the architecture, schedule and text encoder
     config.unet, config.text_encoder = base.unet.config, text_encoder_config(base.bundle)
     config.schedule = from_dict(base.bundle.meta["schedule"], ScheduleConfig)
-    base_weights = base.unet.state_dict()
-    if dist.is_main:
-        config, _ = open_run(out, "train-lora", config, overrides, resume)
-    barrier(dist)
-    if not dist.is_main:
-        config, _ = open_run(out, "train-lora", config, overrides, resume, write=False)
+    opened = on_main(dist, lambda: open_run(out, "train-lora", config, overrides, resume))
+    config, _ = opened if dist.is_main else open_run(out, "train-lora", config, overrides, resume, write=False)
     autoencoder = load_autoencoder(data.autoencoder_path, device=device)
     text_encoder = base.text_encoder.to(device)
     conditioning = TextConditioning(text_encoder, device, data.uncond_text() if _cache_matches(data, config) else None)
-    trainer = LoraTrainer(config, data, autoencoder, conditioning, device, dist, base_weights, base=base.bundle, run_dir=Path(out))
+    trainer = LoraTrainer(config, data, autoencoder, conditioning, device, dist, base.unet.state_dict(), base=base.bundle, run_dir=out)
     if dist.is_main:
         trainable = sum(p.numel() for p in trainer.unet.parameters() if p.requires_grad)
         print(f"LoRA: {len(adapted_modules(trainer.unet))} layers ({config.lora.targets}), rank {config.lora.rank}, "
               f"{trainable:,} trainable parameters of {trainer.unet.num_parameters():,}")
-    train_loop(trainer, data, config.train, Path(out), dist, collate=collate_latents, description="train-lora")
-    return Path(out) / LORA_FILE
+    train_loop(trainer, data, config.train, out, dist, collate=collate_latents, description="train-lora")
+    return out / LORA_FILE
