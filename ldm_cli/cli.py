@@ -239,6 +239,26 @@ def train_diffusion(
         typer.echo(f"latent-diffusion bundle: {bundle}")
 
 
+@app.command("train-lora")
+def train_lora_command(
+    latents: Path = typer.Option(..., "--latents", help="Latent dataset from `ldm encode` (with the base model's autoencoder)."),
+    base: Path = typer.Option(..., "--base", help="The frozen base model: a latent-diffusion bundle or run."),
+    out: Path = typer.Option(Path("runs/lora"), "--out", help="Run directory; RUN/lora.safetensors is the product (re-running resumes)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out with its saved config."),
+    device: str = DEVICE,
+    offline: bool = OFFLINE,
+    config_dir: Optional[Path] = CONFIG_DIR,
+    show_config: bool = SHOW_CONFIG,
+    overrides: Optional[list[str]] = OVERRIDES,
+) -> None:
+    """Train LoRA adapters (lora.rank, lora.targets, ...) on a frozen base model; writes a kohya/A1111 LoRA file."""
+    config = _config("train_lora", overrides, config_dir, [], show_config)
+    from ldm_cli.adapters.train import train_lora
+
+    path = train_lora(config, latents, base, out, list(overrides or []), resume=resume, device_name=device)
+    typer.echo(f"LoRA: {path}")
+
+
 # options shared by `sample` and `img2img`
 PROMPT = typer.Option(None, "--prompt", help='Text prompt; repeat for several. --prompt "" samples unconditionally.')
 PROMPT_FILE = typer.Option(None, "--prompt-file", help="A text file with one prompt per line.")
@@ -255,6 +275,7 @@ ETA = typer.Option(None, "--eta", help="Noise of ancestral/SDE/DDIM samplers (de
 PRECISION = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16 (fp16 on CUDA only)")
 GRID = typer.Option(False, "--grid", help="Also write a contact sheet of the run's images.")
 JSON_SIDECAR = typer.Option(False, "--json", help="Also write each image's metadata as a .json beside it.")
+LORA = typer.Option(None, "--lora", help="A LoRA file (kohya/A1111 or diffusers/PEFT .safetensors), FILE or FILE:SCALE; repeat to add several. Merged into the weights at load.")
 SAMPLE_OUT = typer.Option(None, "--out", help="Output folder (required); existing files are never overwritten.")
 
 
@@ -286,6 +307,7 @@ def sample(
     grid: bool = GRID,
     as_json: bool = JSON_SIDECAR,
     out: Optional[Path] = SAMPLE_OUT,
+    lora: Optional[list[str]] = LORA,
     replay: Optional[Path] = typer.Option(None, "--replay", help="Remake an image from its PNG metadata (all other settings come from it)."),
     config_dir: Optional[Path] = CONFIG_DIR,
     show_config: bool = SHOW_CONFIG,
@@ -297,15 +319,15 @@ def sample(
     from ldm_cli.sampling.commands import SampleRequest, run_replay, run_sample
 
     if replay is not None:
-        if prompt or prompt_file:
-            raise UsageError("--replay takes the prompt and every setting from the image; drop --prompt/--prompt-file")
+        if prompt or prompt_file or lora:
+            raise UsageError("--replay takes the prompt, LoRAs and every setting from the image; drop --prompt/--prompt-file/--lora")
         written = run_replay(replay, out, config, model=model, device_name=device, json_sidecar=as_json)
     else:
         written = run_sample(SampleRequest(
             out=out, model=model, prompts=list(prompt or []), prompt_file=prompt_file, negative_prompt=negative_prompt,
             num_images=num_images, batch_size=batch_size, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
             seed=seed, height=height, width=width, eta=eta, precision=precision, device=device, grid=grid,
-            json_sidecar=as_json,
+            json_sidecar=as_json, loras=list(lora or []),
         ), config)
     typer.echo(written.summary())
 
@@ -333,6 +355,7 @@ def img2img(
     grid: bool = GRID,
     as_json: bool = JSON_SIDECAR,
     out: Optional[Path] = SAMPLE_OUT,
+    lora: Optional[list[str]] = LORA,
     config_dir: Optional[Path] = CONFIG_DIR,
     show_config: bool = SHOW_CONFIG,
     overrides: Optional[list[str]] = OVERRIDES,
@@ -346,7 +369,7 @@ def img2img(
         out=out, model=model, prompts=list(prompt or []), prompt_file=prompt_file, negative_prompt=negative_prompt,
         num_images=num_images, batch_size=batch_size, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
         seed=seed, height=height, width=width, eta=eta, precision=precision, device=device, grid=grid,
-        json_sidecar=as_json, init=init, strength=strength,
+        json_sidecar=as_json, init=init, strength=strength, loras=list(lora or []),
     ), config)
     typer.echo(written.summary())
 
@@ -360,13 +383,14 @@ def convert_command(
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA U-Net of an original SD file when it has one."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Hub id or folder: the tokenizer for a single file's CLIP weights, or the text encoder when the source has none."),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Image side the model was trained at (default: the source's, else 512)."),
+    merge_lora: Optional[list[str]] = typer.Option(None, "--merge-lora", help="Bake a LoRA (FILE or FILE:SCALE) into the weights; repeat for several."),
     offline: bool = OFFLINE,
 ) -> None:
     """Import Stable Diffusion checkpoints as ldm bundles, or export a bundle to diffusers / one SD file."""
     from ldm_cli.interop.convert import ImportOptions, convert_model
 
     options = ImportOptions(prediction_type=prediction_type, use_ema=ema, text_encoder=text_encoder, resolution=resolution)
-    convert_model(source, out, to=to, options=options, log=typer.echo)
+    convert_model(source, out, to=to, options=options, log=typer.echo, merge_lora=list(merge_lora or []))
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from typing import Any, Optional, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ldm_cli.adapters.config import LoraConfig
 from ldm_cli.autoencoder.loss import AutoencoderLossConfig
 from ldm_cli.autoencoder.model import AutoencoderConfig
 from ldm_cli.data.images import DataConfig
@@ -95,6 +96,13 @@ class TrainDiffusionConfig:
 
 
 @dataclass
+class TrainLoraConfig(TrainDiffusionConfig):
+    """`train-lora`: unet, schedule and text_encoder are the base model's (filled in from --base)."""
+
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
 class EncodeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -123,6 +131,7 @@ class SampleConfig:
 SCHEMAS: dict[str, type] = {
     "train_vae": TrainVaeConfig,
     "train_diffusion": TrainDiffusionConfig,
+    "train_lora": TrainLoraConfig,
     "encode": EncodeConfig,
     "sample": SampleConfig,
 }

@@ -11,6 +11,9 @@ same run, interleaved. `--variants` flips one of ours' settings at a time.
     python scripts/bench_train_diffusion.py                      # tiny U-Net, 8x8 latents, batch 64
     python scripts/bench_train_diffusion.py --preset small --repeats 3
     python scripts/bench_train_diffusion.py --preset sd15 --device cuda --variants
+    python scripts/bench_train_diffusion.py --preset small --lora           # LoRA steps: ours (peft, as
+        `ldm train-lora`) beside diffusers + peft (`add_adapter`), same rank and targets; plus our full
+        fine-tune step for the memory ratio
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class Case:
     bf16_weights: bool = False  # the model in bf16 with float32 master weights, no autocast (train.bf16_weights)
     fused_adamw: bool = False  # torch.optim.AdamW(fused=True), as `ldm train-diffusion`
     variant: str = ""  # how the case differs from the side's own training setup, for its name
+    lora: bool = False  # only LoRA adapters train (Payload.lora_rank, Payload.lora_targets)
 
     @property
     def name(self) -> str:
@@ -81,6 +85,8 @@ class Payload:
     seed: int
     device: str
     cases: dict[str, Case]
+    lora_rank: int = 16
+    lora_targets: str = "attention"
 
 
 
@@ -103,22 +109,39 @@ def build_model(payload: Payload, case: Case) -> tuple[torch.nn.Module, Callable
         def forward(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
             return model(x, t, encoder_hidden_states=context, return_dict=False)[0]
 
+    if case.lora:
+        add_lora(model, case.side, payload)
     memory_format = torch.channels_last if case.channels_last else torch.contiguous_format
     model.to(device=payload.device, memory_format=memory_format).train()
     return model, forward
 
 
+def add_lora(model: torch.nn.Module, side: str, payload: Payload) -> None:
+    """Adapters of the same rank on the same layers: ours as `ldm train-lora`, diffusers' by its `add_adapter`."""
+    from ldm_cli.adapters.config import TARGETS, LoraConfig
+    from ldm_cli.adapters.inject import inject_lora
+
+    config = LoraConfig(rank=payload.lora_rank, targets=payload.lora_targets)
+    if side == "ours":
+        inject_lora(model, config)
+        return
+    from peft import LoraConfig as PeftConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(PeftConfig(r=config.rank, lora_alpha=config.effective_alpha, target_modules="|".join(TARGETS[config.targets])))
+
+
 def build_step(payload: Payload, case: Case, models: dict | None = None) -> Callable[[], torch.Tensor]:
     """One training step of `case` as a closure. `models` shares a model between autocast precisions."""
     device = torch.device(payload.device)
-    key = (case.side, case.bf16_weights, case.channels_last, case.fused_adamw)
+    key = (case.side, case.bf16_weights, case.channels_last, case.fused_adamw, case.lora)
     if models is not None and key in models:
         model, forward, optimizer, master = models[key]
     else:
         model, forward = build_model(payload, case)
         master = MasterWeights(model) if case.bf16_weights else None  # casts the model to bf16
         # ours as DiffusionTrainer steps (fused AdamW); diffusers as its example training script (default AdamW)
-        parameters = master.parameters if master else model.parameters()
+        parameters = master.parameters if master else [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=1e-4, fused=case.fused_adamw or None)
         if models is not None:
             models[key] = model, forward, optimizer, master
@@ -166,6 +189,10 @@ def select_cases(args: argparse.Namespace, trainer: TrainConfig) -> list[Case]:
                         bf16_weights=precision == "bf16" and trainer.bf16_weights)
         return Case("ours", precision, **{**settings, **changes})
 
+    if args.lora:  # as `ldm train-lora`: the frozen base needs no float32 masters
+        cases = [case for precision in chosen for case in (
+            ours(precision, lora=True, bf16_weights=False), Case("diffusers", precision, lora=True))]
+        return cases + [ours(precision, variant="full fine-tune") for precision in chosen]
     cases = [case for precision in chosen for case in (ours(precision), Case("diffusers", precision))]
     if args.variants:
         other_format = "NCHW" if trainer.channels_last else "channels_last"
@@ -186,6 +213,9 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true",
                         help="also time ours in the other memory format, with the default AdamW, and at bf16 with "
                              "the other of autocast / bf16 weights + float32 masters (train.bf16_weights)")
+    parser.add_argument("--lora", action="store_true", help="time LoRA training steps (only adapters train) against diffusers + peft")
+    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default 16, the lora config group's)")
+    parser.add_argument("--lora-targets", default="attention", help="attention | attention_ff | all")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the GPU's peak TFLOP/s for model-FLOPs utilisation (default 989: H100 SXM dense bf16)")
     args = parser.parse_args()
@@ -203,11 +233,17 @@ def main() -> None:
         seed=args.seed,
         device=str(device),
         cases={case.name: case for case in select_cases(args, trainer)},
+        lora_rank=args.lora_rank,
+        lora_targets=args.lora_targets,
     )
     repeats = args.repeats or preset.repeats
     models: dict = {}
     steps = {name: build_step(payload, case, models) for name, case in payload.cases.items()}
     parameters = sum(p.numel() for p in next(iter(models.values()))[0].parameters())
+    for key, (model, *_rest) in models.items():
+        if key[-1]:  # a LoRA case
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"{key[0]} LoRA: rank {args.lora_rank} on {args.lora_targets}: {trainable / 1e6:.2f}M trainable parameters")
     print(f"U-Net {preset.unet}: {parameters / 1e6:.1f}M parameters, latents {payload.batch_size}x4x{payload.latent_size}x"
           f"{payload.latent_size}, context {payload.context_length}x{payload.unet_config['cross_attention_dim']}; "
           f"{repeats} measured steps per case after {args.warmup} warm-up, interleaved, median\n")
@@ -225,6 +261,8 @@ def main() -> None:
     rows = []
     for name, case in payload.cases.items():
         reference = f"diffusers {case.precision}"
+        if case.variant == "full fine-tune":  # the memory a LoRA step saves
+            reference = f"ours {case.precision}"
         throughput = payload.batch_size / seconds[name]
         row = [name, f"{seconds[name] * 1e3:.1f}", f"{timings[name].best * 1e3:.1f}", f"{throughput:.1f}",
                bench.ratio(seconds.get(reference), seconds[name]) if case.side == "ours" else "",
@@ -250,6 +288,11 @@ def main() -> None:
     for precision in bench.precisions(args.precision):
         speedup = seconds[f"diffusers {precision}"] / seconds[f"ours {precision}"]
         print(f"  ours vs diffusers at {precision}: {speedup:.2f}x")
+    if args.lora and memory:
+        for precision in bench.precisions(args.precision):
+            full, lora = memory.get(f"ours {precision} full fine-tune"), memory.get(f"ours {precision}")
+            if full and lora:
+                print(f"  LoRA step peak memory / full fine-tune at {precision}: {lora / full:.2f}")
     if args.precision == "both":
         print(f"  ours bf16 vs ours fp32: {seconds['ours fp32'] / seconds['ours bf16']:.2f}x")
     if device.type == "cpu":

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ldm_cli.adapters.merge import Applied, merge_loras
 from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder
 from ldm_cli.bundle import Bundle, check_shapes, load_bundle, require_model_keys, write_bundle
 from ldm_cli.config import from_dict, to_dict
@@ -67,14 +68,19 @@ def text_encoder_config(bundle: Bundle) -> TextEncoderConfig:
     return config
 
 
-def load_latent_diffusion(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+def load_latent_diffusion(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, loras: Applied = ()
+) -> LatentDiffusion:
+    """Load a bundle; `loras` (file, scale) are merged into the weights before the U-Net is built."""
     bundle = load_bundle(path, kind="latent-diffusion")
     require_model_keys(bundle)
     meta = bundle.meta
-    unet = build_unet(from_dict(meta["unet"], UNetConfig), bundle.tensors("unet")).to(device=device, dtype=dtype).eval()
+    weights = bundle.tensors("unet")
+    text_encoder = load_text_encoder(text_encoder_config(bundle), device=device, dtype=dtype)
+    merge_loras(weights, text_encoder.model, loras)
+    unet = build_unet(from_dict(meta["unet"], UNetConfig), weights).to(device=device, dtype=dtype).eval()
     unet.requires_grad_(False)
     schedule = NoiseSchedule(from_dict(meta["schedule"], ScheduleConfig)).to(device)
-    text_encoder = load_text_encoder(text_encoder_config(bundle), device=device, dtype=dtype)
     autoencoder_dir = bundle.path / meta["autoencoder"]["path"]
     autoencoder = load_autoencoder(autoencoder_dir, device=device, dtype=dtype)
     if autoencoder.bundle.content_hash != meta["autoencoder"]["content_hash"]:

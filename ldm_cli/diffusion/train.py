@@ -90,6 +90,7 @@ class DiffusionTrainer:
             optimize_for_cpu(self.unet)  # CPU kernels; parameters and state-dict keys stay
         if init_weights is not None:
             self.unet.load_state_dict(init_weights)
+        self.unet = self._adapt(self.unet)
         self.unet.to(device, memory_format=self.memory_format)
         # bf16 weights: the optimiser and EMA see float32 masters, and the forward runs without autocast
         self.master = MasterWeights(self.unet) if train.bf16_weights and self.precision == "bf16" else None
@@ -106,9 +107,13 @@ class DiffusionTrainer:
         self.ema = EMA(self.master or self.unet, train.ema_decay) if train.ema_decay else None
         self.latent_scale, self.latent_shift = data.latent_scale, data.latent_shift
 
+    def _adapt(self, unet: UNet) -> UNet:
+        """Where a subclass changes what is trained (train-lora adds adapters and freezes the rest)."""
+        return unet
+
     def _parameters(self) -> list[torch.Tensor]:
-        """What the optimiser updates: the U-Net's parameters, or their float32 masters."""
-        return self.master.parameters if self.master else list(self.unet.parameters())
+        """What the optimiser updates: the U-Net's trainable parameters, or their float32 masters."""
+        return self.master.parameters if self.master else [p for p in self.unet.parameters() if p.requires_grad]
 
     def _draws(self, batch: dict[str, Any], step: int, micro: int) -> tuple[torch.Tensor, ...]:
         """This process's slice of the global batch's random draws for (step, micro-batch)."""
@@ -229,10 +234,13 @@ class DiffusionTrainer:
             "scaler": self.scaler.state_dict() if self.scaler else None,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.unet.load_state_dict(state["unet"])
+    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.unet.load_state_dict(weights)
         if self.master:
-            self.master.load_state_dict(state["unet"])
+            self.master.load_state_dict(weights)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._load_weights(state["unet"])
         load_optimizer_state(self.optimizer, state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if self.ema and state["ema"] is not None:

@@ -52,10 +52,12 @@ def quiet_progress_bars() -> Iterator[None]:
 
 
 def convert_model(
-    source: str | Path, out: str | Path, to: str = "ldm", options: ImportOptions | None = None, log: Log = print
+    source: str | Path, out: str | Path, to: str = "ldm", options: ImportOptions | None = None, log: Log = print,
+    merge_lora: list[str] | None = None,
 ) -> Path:
     """`ldm convert`: import into a bundle (to="ldm"), or export a bundle (to="diffusers" /
-    "sd-single-file"). A foreign source exported directly is imported into a temporary bundle first."""
+    "sd-single-file"). A foreign source exported directly is imported into a temporary bundle first.
+    `merge_lora` (FILE[:SCALE] each) bakes LoRAs into the weights on the way."""
     if to not in TARGETS:
         raise UsageError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
     source, out = Path(source).expanduser(), Path(out).expanduser()
@@ -63,6 +65,8 @@ def convert_model(
         raise UsageError(f"--from {source} does not exist")
     _refuse_existing(out)
     is_bundle = (source / BUNDLE_JSON).is_file() or (source / "bundle" / BUNDLE_JSON).is_file()
+    if merge_lora:
+        return _merge_and_convert(source, out, to, is_bundle, options, log, merge_lora)
     if to == "ldm":
         if is_bundle:
             raise already_a_bundle(source)
@@ -80,6 +84,25 @@ def convert_model(
         bundle = import_checkpoint(source, Path(scratch) / "bundle", options, log)
         with quiet_progress_bars():
             return export(bundle.path, out, log)
+
+
+def _merge_and_convert(
+    source: Path, out: Path, to: str, is_bundle: bool, options: ImportOptions | None, log: Log, loras: list[str]
+) -> Path:
+    from ldm_cli.adapters.bake import bake_loras
+    from ldm_cli.adapters.files import LoraSpec
+
+    specs = [LoraSpec.parse(text) for text in loras]
+    with tempfile.TemporaryDirectory(prefix="ldm-convert-") as scratch:
+        bundle_path = source if is_bundle else import_checkpoint(source, Path(scratch) / "imported", options, log).path
+        merged = bake_loras(bundle_path, specs, out if to == "ldm" else Path(scratch) / "merged")
+        log(f"merged {len(specs)} LoRA(s): {', '.join(str(spec) for spec in specs)}")
+        if to == "ldm":
+            log(f"wrote {merged.kind} bundle {merged.path}")
+            return merged.path
+        export = export_diffusers if to == "diffusers" else export_single_file
+        with quiet_progress_bars():
+            return export(merged.path, out, log)
 
 
 def import_checkpoint(

@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 
 from ldm_cli import __version__
+from ldm_cli.adapters.merge import Applied
+from ldm_cli.adapters.prompts import lora_metadata, lora_specs, read_loras, replay_loras
 from ldm_cli.bundle import file_sha256
 from ldm_cli.config import SampleConfig
 from ldm_cli.data.images import IMAGE_EXTENSIONS, load_image_rgb, pil_to_tensor, tensor_to_pil
@@ -63,6 +65,7 @@ class SampleRequest:
     json_sidecar: bool = False
     init: Optional[Path] = None  # img2img: an image or a folder of images
     strength: float = 0.75  # img2img only
+    loras: list[str] = field(default_factory=list)  # each --lora FILE[:SCALE]
 
 
 @dataclass
@@ -139,10 +142,20 @@ def _check_out(out: Path) -> None:
         raise UsageError(f"--out {out} is a file; give a folder")
 
 
-def _load_model(path: Optional[Path], device: torch.device) -> LatentDiffusion:
+def _load_model(path: Optional[Path], device: torch.device, loras: Applied = ()) -> LatentDiffusion:
     if path is None:
         raise UsageError("--model is required (a latent-diffusion run directory or bundle)")
-    return load_latent_diffusion(path, device=device)
+    return load_latent_diffusion(path, device=device, loras=loras)
+
+
+def _loras(request: SampleRequest, prompts: list[str]) -> tuple[list[str], Applied]:
+    """Prompts without their `<lora:…>` tags, and every LoRA file of the run, read."""
+    prompts, specs = lora_specs(request.loras, prompts)
+    return prompts, read_loras(specs)
+
+
+def _lora_metadata(applied: Applied) -> dict[str, Any]:
+    return {"loras": lora_metadata(list(applied))} if applied else {}
 
 
 def _pipeline(model: LatentDiffusion, device: torch.device, precision: str, config: SampleConfig) -> SamplingPipeline:
@@ -373,7 +386,8 @@ def run_sample(request: SampleRequest, config: SampleConfig) -> Written:
     limits = limits_of(config)
     settings.height, settings.width = request.height or settings.height, request.width or settings.width
     settings.validate(limits=limits)  # the model's own step limit is checked once it is loaded
-    model = _load_model(request.model, device)
+    prompts, loras = _loras(request, prompts)
+    model = _load_model(request.model, device, loras)
     settings.height = request.height or model.resolution
     settings.width = request.width or model.resolution
     settings.validate(model.schedule.num_train_timesteps, limits)
@@ -381,7 +395,8 @@ def run_sample(request: SampleRequest, config: SampleConfig) -> Written:
     seed = resolve_seed(request.seed, len(prompts) * request.num_images)
 
     pipeline = _pipeline(model, device, precision, config)
-    base = {**_base_metadata("txt2img", settings, pipeline), "height": settings.height, "width": settings.width}
+    base = {**_base_metadata("txt2img", settings, pipeline), "height": settings.height, "width": settings.width,
+            **_lora_metadata(loras)}
     jobs = [ImageJob(prompt, seed + i) for i, prompt in enumerate(p for p in prompts for _ in range(request.num_images))]
     folder, written = OutputFolder(request.out), []
     kept: Optional[list[torch.Tensor]] = [] if request.grid else None
@@ -403,14 +418,15 @@ def run_img2img(request: SampleRequest, config: SampleConfig) -> Written:
     settings.height, settings.width = request.height or settings.height, request.width or settings.width
     settings.validate(limits=limits)
     init_paths = list_init_images(request.init)
-    model = _load_model(request.model, device)
+    prompts, loras = _loras(request, prompts)
+    model = _load_model(request.model, device, loras)
     settings.validate(model.schedule.num_train_timesteps, limits)
     inits = [inspect_init_image(path, model, request.height, request.width) for path in init_paths]
     per_init = len(prompts) * request.num_images
     seed = resolve_seed(request.seed, len(inits) * per_init)
 
     pipeline = _pipeline(model, device, precision, config)
-    base = _base_metadata("img2img", settings, pipeline)
+    base = {**_base_metadata("img2img", settings, pipeline), **_lora_metadata(loras)}
     folder, written = OutputFolder(request.out), []
     kept: Optional[list[torch.Tensor]] = [] if request.grid else None
     for number, init in enumerate(inits):
@@ -461,7 +477,7 @@ def run_replay(
         raise DataError(f"the init image of {image} is no longer at {init_path}; put it back there to replay")
     if init_path is not None and file_sha256(init_path) != meta["init_sha256"]:
         raise DataError(f"{init_path} is not the init image {image} was made from (its sha256 differs)")
-    loaded = _load_model(model, device)
+    loaded = _load_model(model, device, replay_loras(meta.get("loras") or [], Path(image)))
     settings.validate(loaded.schedule.num_train_timesteps, limits)
     check_image_size(settings.height, settings.width, loaded)
     if loaded.bundle.content_hash != meta.get("model_hash"):

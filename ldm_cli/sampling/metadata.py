@@ -49,13 +49,22 @@ def parameters_line(meta: dict[str, Any]) -> str:
         ("Model", Path(meta["model"]).name if meta.get("model") else None),
         ("Denoising strength", meta.get("strength") if meta["mode"] == "img2img" else None),
         ("Eta", meta.get("eta")),
+        ("Lora hashes", _lora_hashes(meta.get("loras"))),
         ("Version", f"ldm {meta['ldm_version']}" if meta.get("ldm_version") else None),
     ]
     settings = ", ".join(f"{name}: {value}" for name, value in fields if value is not None)
-    lines = [meta["prompt"]]
+    # AUTOMATIC1111 keeps its LoRAs as prompt tags; other tools read them from there
+    tags = "".join(f" <lora:{lora['name']}:{lora['scale']:g}>" for lora in meta.get("loras") or [])
+    lines = [meta["prompt"] + tags]
     if meta.get("negative_prompt"):
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
     return "\n".join(lines + [settings])
+
+
+def _lora_hashes(loras: list[dict[str, Any]] | None) -> str | None:
+    if not loras:
+        return None
+    return '"' + ", ".join(f"{lora['name']}: {lora['sha256'][:12]}" for lora in loras) + '"'
 
 
 def png_info(meta: dict[str, Any]) -> PngInfo:

@@ -155,6 +155,8 @@ def train_loop(
                 "trainer": trainer.state_dict(), "step": step, "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch, "torch_rng": torch.get_rng_state(), "nonfinite_skipped": skipped,
             })
+            if hasattr(trainer, "export"):  # a product written with each checkpoint (train-lora's LoRA file)
+                trainer.export(step)
         barrier(dist)
 
     progress = tqdm(total=config.max_steps, initial=step, desc=description, disable=not dist.is_main, dynamic_ncols=True)
