@@ -12,7 +12,7 @@ from torch import nn
 
 from ldm_cli.adapters.config import LoraConfig
 from ldm_cli.adapters.layers import UNET, LoraLayer
-from ldm_cli.diffusion.transformer import TokenConv1x1
+from ldm_cli.backends.cpu import TokenConv1x1
 
 ADAPTER = "default"
 

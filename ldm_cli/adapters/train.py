@@ -30,7 +30,7 @@ from ldm_cli.training.distributed import DistInfo, device_for, distributed, on_m
 from ldm_cli.training.ema import EMA
 from ldm_cli.training.loop import train_loop
 from ldm_cli.training.precision import deterministic_kernels, resolve_device
-from ldm_cli.training.run_dir import open_run
+from ldm_cli.training.run_dir import claim_run, open_run
 
 LORA_FILE = "lora.safetensors"
 
@@ -106,8 +106,9 @@ def _train_lora(
     # the base model decides the architecture, schedule and text encoder
     config.unet, config.text_encoder = base.unet.config, text_encoder_config(base.bundle)
     config.schedule = from_dict(base.bundle.meta["schedule"], ScheduleConfig)
+    # decides without writing (a failed start leaves --out untouched); every process reads the same directory
     opened = on_main(dist, lambda: open_run(out, "train-lora", config, overrides, resume))
-    config, _ = opened if dist.is_main else open_run(out, "train-lora", config, overrides, resume, write=False)
+    config, _ = opened if dist.is_main else open_run(out, "train-lora", config, overrides, resume)
     autoencoder = load_autoencoder(data.autoencoder_path, device=device)
     text_encoder = base.text_encoder.to(device)
     conditioning = TextConditioning(text_encoder, device, data.uncond_text() if _cache_matches(data, config) else None)
@@ -116,5 +117,10 @@ def _train_lora(
         trainable = sum(p.numel() for p in trainer.unet.parameters() if p.requires_grad)
         print(f"LoRA: {len(adapted_modules(trainer.unet))} layers ({config.lora.targets}), rank {config.lora.rank}, "
               f"{trainable:,} trainable parameters of {trainer.unet.num_parameters():,}")
-    train_loop(trainer, data, config.train, out, dist, collate=collate_latents, description="train-lora")
+    lock = on_main(dist, lambda: claim_run(out, "train-lora", config))  # everything is checked: only now is --out written
+    try:
+        train_loop(trainer, data, config.train, out, dist, collate=collate_latents, description="train-lora")
+    finally:
+        if lock is not None:
+            lock.release()
     return out / LORA_FILE
