@@ -23,6 +23,7 @@ from ldm_cli.diffusion.schedule import ScheduleConfig
 from ldm_cli.diffusion.text import TextEncoderConfig
 from ldm_cli.diffusion.unet_config import UNetConfig
 from ldm_cli.errors import ConfigError
+from ldm_cli.training.optim import LR_SCHEDULES, OPTIMIZERS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -39,6 +40,10 @@ class TrainConfig:
     lr: float = 1e-4
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw (fused) | adafactor (fixed lr, low memory) | adamw8bit (bitsandbytes)
+    lr_schedule: str = "constant"  # after warmup_steps: constant | cosine | linear | cosine_with_restarts
+    lr_schedule_steps: Optional[int] = None  # steps the schedule spans; None: max_steps
+    lr_cycles: int = 1  # cosine_with_restarts: number of hard restarts
     warmup_steps: int = 0
     grad_clip: Optional[float] = None
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA, with a grad scaler)
@@ -220,6 +225,12 @@ def validate(config: Any) -> None:
         _check(train.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", "auto, fp32, bf16 or fp16", train.precision)
         _check(train.keep_last > 0, "train.keep_last", "a positive integer", train.keep_last)
         _check(train.ema_decay is None or 0 < train.ema_decay < 1, "train.ema_decay", "null or a number in (0, 1)", train.ema_decay)
+        _check(train.optimizer in OPTIMIZERS, "train.optimizer", " | ".join(OPTIMIZERS), train.optimizer)
+        _check(train.lr_schedule in LR_SCHEDULES, "train.lr_schedule", " | ".join(LR_SCHEDULES), train.lr_schedule)
+        _check(train.lr_schedule_steps is None or train.lr_schedule_steps > 0, "train.lr_schedule_steps",
+               "null or a positive integer", train.lr_schedule_steps)
+        _check(train.lr_cycles > 0, "train.lr_cycles", "a positive integer", train.lr_cycles)
+        _check(train.warmup_steps >= 0, "train.warmup_steps", "a non-negative integer", train.warmup_steps)
         _check(len(train.adam_betas) == 2, "train.adam_betas", "two numbers", train.adam_betas)
         _check(not train.bf16_weights or train.precision in ("auto", "bf16"), "train.bf16_weights",
                "false unless train.precision is bf16 or auto", train.bf16_weights)

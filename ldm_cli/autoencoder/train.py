@@ -18,7 +18,8 @@ from ldm_cli.eval.metrics import psnr, ssim
 from ldm_cli.grid import make_grid, save_image
 from ldm_cli.training.ema import EMA
 from ldm_cli.training.loop import train_loop
-from ldm_cli.training.optimizer_state import load_optimizer_state
+from ldm_cli.training.optim import build_lr_schedule, build_optimizer
+from ldm_cli.training.optimizer_state import load_optimizer_state, optimizer_state
 from ldm_cli.training.precision import autocast, grad_scaler, resolve_device, resolve_precision
 from ldm_cli.training.run_dir import open_run
 
@@ -41,13 +42,9 @@ class AutoencoderTrainer:
         torch.manual_seed(train.seed)
         self.model = AutoencoderKL(config.autoencoder).to(device, memory_format=self.memory_format)
         self.loss = AutoencoderLoss(config.loss, lpips).to(device, memory_format=self.memory_format)
-        betas = tuple(train.adam_betas)
-        self.opt_ae = torch.optim.Adam(
-            [*self.model.parameters(), self.loss.logvar], lr=train.lr, betas=betas, weight_decay=train.weight_decay, fused=True
-        )
-        self.opt_disc = torch.optim.Adam(
-            self.loss.discriminator.parameters(), lr=train.lr, betas=betas, weight_decay=train.weight_decay, fused=True
-        )
+        self.opt_ae = build_optimizer([*self.model.parameters(), self.loss.logvar], train)
+        self.opt_disc = build_optimizer(self.loss.discriminator.parameters(), train)
+        self.schedules = [build_lr_schedule(self.opt_ae, train), build_lr_schedule(self.opt_disc, train)]
         self.scaler = grad_scaler(self.precision, device)
         self.ema = EMA(self.model, train.ema_decay) if train.ema_decay else None
         self.generator = torch.Generator(device).manual_seed(train.seed)  # posterior samples
@@ -91,8 +88,11 @@ class AutoencoderTrainer:
             self._step(self.opt_disc)
         if self.scaler:
             self.scaler.update()
+        for schedule in self.schedules:
+            schedule.step()
         if self.ema:
             self.ema.update(self.model)
+        logs["lr"] = self.schedules[0].get_last_lr()[0]
         logs["loss"] = logs.pop("total_loss", logs.get("nll_loss", 0.0))
         return logs
 
@@ -130,8 +130,9 @@ class AutoencoderTrainer:
         return {
             "model": self.model.state_dict(),
             "loss": {k: v for k, v in self.loss.state_dict().items() if not k.startswith("lpips.")},
-            "opt_ae": self.opt_ae.state_dict(),
-            "opt_disc": self.opt_disc.state_dict(),
+            "opt_ae": optimizer_state(self.opt_ae),
+            "opt_disc": optimizer_state(self.opt_disc),
+            "lr_schedules": [schedule.state_dict() for schedule in self.schedules],
             "ema": self.ema.state_dict() if self.ema else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "generator": self.generator.get_state(),
@@ -142,6 +143,8 @@ class AutoencoderTrainer:
         self.loss.load_state_dict(state["loss"], strict=False)
         load_optimizer_state(self.opt_ae, state["opt_ae"])
         load_optimizer_state(self.opt_disc, state["opt_disc"])
+        for schedule, saved in zip(self.schedules, state.get("lr_schedules", [])):
+            schedule.load_state_dict(saved)
         if self.ema and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         if self.scaler and state["scaler"] is not None:

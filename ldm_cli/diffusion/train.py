@@ -29,7 +29,8 @@ from ldm_cli.training.distributed import DistInfo, barrier, device_for, init_dis
 from ldm_cli.training.ema import EMA
 from ldm_cli.training.loop import train_loop
 from ldm_cli.training.master_weights import MasterWeights
-from ldm_cli.training.optimizer_state import load_optimizer_state
+from ldm_cli.training.optim import build_lr_schedule, build_optimizer
+from ldm_cli.training.optimizer_state import load_optimizer_state, optimizer_state
 from ldm_cli.training.precision import autocast, grad_scaler, resolve_device, resolve_precision
 from ldm_cli.training.run_dir import open_run
 
@@ -84,12 +85,8 @@ class DiffusionTrainer:
         self.input_dtype = torch.bfloat16 if self.master else torch.float32
         self.autocast_precision = "fp32" if self.master else self.precision
         self.model = DistributedDataParallel(self.unet) if dist.enabled else self.unet
-        # fused: one kernel over all tensors, not a Python loop (small U-Net optimiser step 87 -> 30 ms on CPU)
-        self.optimizer = torch.optim.AdamW(
-            self._parameters(), lr=train.lr, betas=tuple(train.adam_betas), weight_decay=train.weight_decay, fused=True
-        )
-        warmup = max(train.warmup_steps, 1)
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        self.optimizer = build_optimizer(self._parameters(), train)
+        self.lr_schedule = build_lr_schedule(self.optimizer, train)
         self.scaler = grad_scaler(self.precision, device)
         self.ema = EMA(self.master or self.unet, train.ema_decay) if train.ema_decay else None
         self.latent_scale, self.latent_shift = data.latent_scale, data.latent_shift
@@ -212,7 +209,7 @@ class DiffusionTrainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "unet": self.weights(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state(self.optimizer),
             "lr_schedule": self.lr_schedule.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
