@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder
 from ldm_cli.config import TrainDiffusionConfig, from_dict, to_dict
+from ldm_cli.data.buckets import BucketBatches
 from ldm_cli.diffusion.load import load_latent_diffusion, text_encoder_config, write_latent_diffusion_bundle
 from ldm_cli.diffusion.loss import diffusion_loss
 from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -25,6 +26,7 @@ from ldm_cli.grid import labelled_grid, save_image
 from ldm_cli.latents.dataset import LatentDataset, collate_latents
 from ldm_cli.sampling.denoiser import Denoiser, get_sigmas
 from ldm_cli.sampling.samplers import sample_ddim
+from ldm_cli.training.batches import EpochBatches
 from ldm_cli.training.distributed import DistInfo, barrier, device_for, init_distributed
 from ldm_cli.training.ema import EMA
 from ldm_cli.training.loop import train_loop
@@ -163,8 +165,9 @@ class DiffusionTrainer:
     def evaluate(self, step: int) -> dict[str, float]:
         """Loss at fixed timesteps and fixed noise on the first items: comparable across steps."""
         unet = self.eval_unet().eval()
-        count = min(len(self.data), self.config.train.eval_batches * self.config.train.batch_size)
-        batch = collate_latents([self.data[i] for i in range(count)])
+        items = next(iter(self.data.buckets().values()))  # the most common shape
+        count = min(len(items), self.config.train.eval_batches * self.config.train.batch_size)
+        batch = collate_latents([self.data[i] for i in items[:count]])
         generator = torch.Generator().manual_seed(1234)
         results = {}
         for t in self.config.objective.validation_loss_timesteps:
@@ -231,7 +234,7 @@ def check_compatible(config: TrainDiffusionConfig, data: LatentDataset, text_wid
     """Make the pieces fit before the first step: follow the data and the encoder where the user
     did not choose otherwise, and name both sides where they did."""
     unet = config.unet
-    channels, height, width = data.latent_shape
+    channels = data.latent_shape[0]
     explicit = {o.split("=", 1)[0].lstrip("+") for o in overrides}
     for key, needed in (("in_channels", channels), ("out_channels", channels), ("cross_attention_dim", text_width)):
         have = getattr(unet, key)
@@ -241,11 +244,13 @@ def check_compatible(config: TrainDiffusionConfig, data: LatentDataset, text_wid
                 raise IncompatibleError(f"unet.{key}={have} but {side} {needed}; drop the override or set unet.{key}={needed}")
             setattr(unet, key, needed)
     factor = unet.downsample_factor
-    if height % factor or width % factor:
-        raise IncompatibleError(
-            f"latents are {height}x{width} but the U-Net downsamples by {factor}; use a U-Net with fewer levels "
-            f"or images whose latent side is a multiple of {factor}"
-        )
+    for _, height, width in data.buckets():
+        if height % factor or width % factor:
+            raise IncompatibleError(
+                f"latents are {height}x{width} but the U-Net downsamples by {factor}; use a U-Net with fewer levels "
+                f"or images whose latent side is a multiple of {factor} (with buckets: a data.bucket_step of "
+                f"{factor} latent cells)"
+            )
 
 
 def train_unet(
@@ -289,7 +294,8 @@ def train_unet(
     cached = _cache_matches(data, config)
     conditioning = TextConditioning(text_encoder, device, data.uncond_text() if cached else None)
     trainer = DiffusionTrainer(config, data, autoencoder, conditioning, device, dist, init_weights)
-    train_loop(trainer, data, config.train, Path(out), dist, collate=collate_latents, description="train-diffusion")
+    train_loop(trainer, data, config.train, Path(out), dist, collate=collate_latents, description="train-diffusion",
+               batches=batch_order(data, config.train, dist))
     if not dist.is_main:
         return Path(out) / "bundle"
     bundle = write_latent_diffusion_bundle(
@@ -303,6 +309,14 @@ def train_unet(
         {"trained_steps": config.train.max_steps, "validation": trainer.evaluate(config.train.max_steps), "latents": str(latents)},
     )
     return bundle.path
+
+
+def batch_order(data: LatentDataset, train: Any, dist: DistInfo) -> EpochBatches | BucketBatches:
+    """One bucket (every square set): plain shuffled batches; several: batches that never mix shapes."""
+    groups = list(data.buckets().values())
+    if len(groups) == 1:
+        return EpochBatches(len(data), train.batch_size, train.seed, dist)
+    return BucketBatches(groups, train.batch_size, train.seed, dist)
 
 
 def _cache_matches(data: LatentDataset, config: TrainDiffusionConfig) -> bool:
