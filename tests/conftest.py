@@ -42,3 +42,12 @@ TINY_VAE_OVERRIDES = [
     "loss.disc_start=1",
     "loss.disc.base_channels=8",
 ]
+
+
+
+@pytest.fixture(scope="session")
+def photos_dir(tmp_path_factory) -> Path:
+    """12 small scikit-image photos: 4 portrait, 4 square, 4 landscape, with tag captions."""
+    from tests.photos import write_photo_folder
+
+    return write_photo_folder(tmp_path_factory.mktemp("photos"))

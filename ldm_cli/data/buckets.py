@@ -81,8 +81,8 @@ def cover_crop(image: Image.Image, size: Size) -> Image.Image:
 
 
 def histogram(sizes: Sequence[Size]) -> list[tuple[Size, int]]:
-    """(bucket, count) pairs, most common first."""
-    return Counter(sizes).most_common()
+    """(bucket, count) pairs, most common first (ties: the squarest first)."""
+    return sorted(Counter(sizes).items(), key=lambda entry: (-entry[1], abs(math.log(entry[0][0] / entry[0][1])), entry[0]))
 
 
 def format_histogram(counts: Sequence[tuple[Size, int]], batch_size: Optional[int] = None) -> str:

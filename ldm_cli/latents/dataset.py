@@ -24,6 +24,7 @@ number at a time, so the dataset pickles into DataLoader workers and never sits 
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional
@@ -139,14 +140,14 @@ class LatentDataset(torch.utils.data.Dataset):
         return int(channels), int(height), int(width)
 
     def buckets(self) -> dict[tuple[int, int, int], list[int]]:
-        """Item indices by latent shape (flipped copies with their originals), most items first."""
+        """Item indices by latent shape (flipped copies with their originals), most items first (ties: squarest)."""
         groups: dict[tuple[int, int, int], list[int]] = {}
         for number, shape in enumerate(self.shard_shapes):
             groups.setdefault(shape, []).extend(range(int(self.starts[number]), int(self.starts[number + 1])))
         if self.use_flip:
             for items in groups.values():
                 items.extend([item + self.count for item in items])
-        return dict(sorted(groups.items(), key=lambda entry: -len(entry[1])))
+        return dict(sorted(groups.items(), key=lambda entry: (-len(entry[1]), abs(math.log(entry[0][2] / entry[0][1])), entry[0])))
 
     def caption(self, index: int) -> str:
         """Item `index`'s caption, without reading its latents."""

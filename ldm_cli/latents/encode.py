@@ -218,11 +218,10 @@ def _index(header: dict[str, Any], known: dict[int, dict[str, Any]], complete: b
     index = {key: header[key] for key in ("format", "autoencoder", "latent_scale", "latent_shift", "resolution", "latent_shape")}
     index["count"] = sum(known[number]["count"] for number in numbers)
     index.update(flip=header["flip"], shard_size=header["shard_size"])
-    index["shards"] = [
-        {"name": shard_name(number), "count": known[number]["count"], "latent_shape": header["shard_shapes"][number]}
-        for number in numbers
-    ]
+    index["shards"] = [{"name": shard_name(number), "count": known[number]["count"]} for number in numbers]
     if header["buckets"] is not None:
+        for shard, number in zip(index["shards"], numbers):
+            shard["latent_shape"] = header["shard_shapes"][number]
         counts: dict[tuple[int, int], int] = {}
         for number in numbers:
             size = tuple(header["shard_sizes"][number])
