@@ -69,7 +69,11 @@ class DiffusionObjectiveConfig:
     caption_dropout: float = 0.1  # so classifier-free guidance has an unconditional model
     min_snr_gamma: Optional[float] = None  # 5.0 is the paper's choice
     offset_noise: float = 0.0
-    validation_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square"])
+    # tag captions ("a, b, c"), augmented per step: needs live text encoding (latents without --cache-text)
+    shuffle_tags: bool = False
+    keep_tokens: int = 0  # the first N tags stay in place
+    tag_dropout: float = 0.0  # each other tag is dropped with this probability
+    validation_prompts: list[str] = field(default_factory=list)  # empty: 4 captions drawn from the dataset (seeded)
     validation_steps: int = 25
     validation_guidance_scale: float = 5.0
     validation_loss_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
@@ -240,6 +244,8 @@ def validate(config: Any) -> None:
     objective = getattr(config, "objective", None)
     if objective is not None:
         _check(0 <= objective.caption_dropout < 1, "objective.caption_dropout", "a number in [0, 1)", objective.caption_dropout)
+        _check(0 <= objective.tag_dropout < 1, "objective.tag_dropout", "a number in [0, 1)", objective.tag_dropout)
+        _check(objective.keep_tokens >= 0, "objective.keep_tokens", "a non-negative integer", objective.keep_tokens)
     for part in dataclasses.fields(config):
         value = getattr(config, part.name)
         if hasattr(value, "validate"):

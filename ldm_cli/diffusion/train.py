@@ -10,12 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder
 from ldm_cli.config import TrainDiffusionConfig, from_dict, to_dict
 from ldm_cli.data.buckets import BucketBatches
+from ldm_cli.data.tags import augment_tags
 from ldm_cli.diffusion.load import load_latent_diffusion, text_encoder_config, write_latent_diffusion_bundle
 from ldm_cli.diffusion.loss import diffusion_loss
 from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -92,6 +94,7 @@ class DiffusionTrainer:
         self.scaler = grad_scaler(self.precision, device)
         self.ema = EMA(self.master or self.unet, train.ema_decay) if train.ema_decay else None
         self.latent_scale, self.latent_shift = data.latent_scale, data.latent_shift
+        self.preview_prompts = config.objective.validation_prompts or dataset_prompts(data, train.seed)
 
     def _parameters(self) -> list[torch.Tensor]:
         """What the optimiser updates: the U-Net's parameters, or their float32 masters."""
@@ -122,10 +125,24 @@ class DiffusionTrainer:
         target = self.schedule.target(x0, noise, timesteps)
         return diffusion_loss(prediction.float(), target, timesteps, self.schedule, self.config.objective.min_snr_gamma)
 
+    def _augment_captions(self, batch: dict[str, Any], step: int, micro: int) -> dict[str, Any]:
+        """Tag shuffling/dropout, drawn per (seed, step, micro-batch, item): the same on every process and after a resume."""
+        objective = self.config.objective
+        if not (objective.shuffle_tags or objective.tag_dropout):
+            return batch
+        seed = self.config.train.seed
+        captions = [
+            augment_tags(caption, np.random.default_rng([seed, step, micro, int(index)]), objective.shuffle_tags,
+                         objective.keep_tokens, objective.tag_dropout)
+            for caption, index in zip(batch["caption"], batch["index"].tolist())
+        ]
+        return {**batch, "caption": captions}
+
     def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, float]:
         self.model.train()
         total = 0.0
         for micro, batch in enumerate(micro_batches):
+            batch = self._augment_captions(batch, step, micro)
             loss = self._loss(self.model, batch, self._draws(batch, step, micro)) / len(micro_batches)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             if self.master:
@@ -182,10 +199,11 @@ class DiffusionTrainer:
 
     @torch.no_grad()
     def write_images(self, step: int, path: Path) -> None:
-        """Validation prompts through a short DDIM run with classifier-free guidance."""
+        """Validation prompts (or dataset captions) through a short DDIM run with classifier-free guidance,
+        at the most common bucket's shape."""
         unet = self.eval_unet().eval()
         objective = self.config.objective
-        prompts = [p for p in objective.validation_prompts for _ in range(4)]
+        prompts = [p for p in self.preview_prompts for _ in range(4)]
         context = self.conditioning.encode(prompts).to(self.device)
         uncond = self.conditioning.uncond.expand_as(context)
         scale = objective.validation_guidance_scale
@@ -206,8 +224,8 @@ class DiffusionTrainer:
         latents = sample_ddim(denoise, x, sigmas)
         model = self.autoencoder.model
         images = model.decode(self.autoencoder.from_diffusion_space(latents).to(next(model.parameters()).dtype))
-        scale_up = max(1, 96 // images.shape[-1])
-        save_image(labelled_grid(images.float(), objective.validation_prompts, columns=4, scale=scale_up), path)
+        scale_up = max(1, 96 // min(images.shape[-2:]))
+        save_image(labelled_grid(images.float(), self.preview_prompts, columns=4, scale=scale_up), path)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -291,6 +309,12 @@ def train_unet(
     barrier(dist)
     if not dist.is_main:  # the same decision, read from what the main process wrote
         config, _ = open_run(out, "train-diffusion", config, overrides, resume, write=False)
+    objective = config.objective
+    if data.text_info is not None and (objective.shuffle_tags or objective.tag_dropout):
+        raise IncompatibleError(
+            f"objective.shuffle_tags/tag_dropout change captions every step, but {latents} holds cached text embeddings "
+            "of the fixed captions; re-encode without --cache-text (the raw captions are kept)"
+        )
     cached = _cache_matches(data, config)
     conditioning = TextConditioning(text_encoder, device, data.uncond_text() if cached else None)
     trainer = DiffusionTrainer(config, data, autoencoder, conditioning, device, dist, init_weights)
@@ -309,6 +333,14 @@ def train_unet(
         {"trained_steps": config.train.max_steps, "validation": trainer.evaluate(config.train.max_steps), "latents": str(latents)},
     )
     return bundle.path
+
+
+def dataset_prompts(data: LatentDataset, seed: int, count: int = 4, scan: int = 1000) -> list[str]:
+    """Up to `count` distinct non-empty captions of the most common bucket, picked with `seed`."""
+    items = next(iter(data.buckets().values()))
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:scan].tolist()
+    prompts = list(dict.fromkeys(caption for caption in (data.caption(items[i]) for i in order) if caption))[:count]
+    return prompts or [""]
 
 
 def batch_order(data: LatentDataset, train: Any, dist: DistInfo) -> EpochBatches | BucketBatches:

@@ -121,6 +121,11 @@ def test_every_optimizer_and_schedule_resume_exactly(latents, tmp_path, optimize
     assert lrs == straight_lrs
 
 
+def test_tag_augmentation_refuses_cached_text(latents, tmp_path):
+    with pytest.raises(IncompatibleError, match="holds cached text embeddings .* re-encode without --cache-text"):
+        run(latents, tmp_path / "run", 2, ["objective.shuffle_tags=true"])
+
+
 def test_text_cache_equals_live_encoding_with_caption_dropout(latents):
     from ldm_cli.diffusion.text import TextEncoderConfig, load_text_encoder
     from ldm_cli.diffusion.train import TextConditioning
