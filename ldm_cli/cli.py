@@ -60,6 +60,7 @@ def train_vae(
     data: Optional[Path] = typer.Option(None, "--data", help="Image folder (sets data.path)."),
     out: Path = typer.Option(Path("runs/vae"), "--out", help="Run directory (re-running into it resumes)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out with its saved config."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Fine-tune this autoencoder (an ldm run or bundle, or an imported SD VAE/model)."),
     device: str = DEVICE,
     config_dir: Optional[Path] = CONFIG_DIR,
     show_config: bool = SHOW_CONFIG,
@@ -69,7 +70,7 @@ def train_vae(
     config = _config("train_vae", overrides, config_dir, [f"data.path={data}"] if data else [], show_config)
     from ldm_cli.autoencoder.train import train_autoencoder
 
-    bundle = train_autoencoder(config, out, list(overrides or []), resume=resume, device_name=device)
+    bundle = train_autoencoder(config, out, list(overrides or []), resume=resume, device_name=device, init_from=init_from)
     typer.echo(f"autoencoder bundle: {bundle}")
 
 

@@ -8,12 +8,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ldm_cli.autoencoder.load import load_autoencoder
 from ldm_cli.autoencoder.loss import AutoencoderLoss
 from ldm_cli.autoencoder.lpips import load_lpips
 from ldm_cli.autoencoder.model import AutoencoderKL
 from ldm_cli.bundle import write_bundle
 from ldm_cli.config import TrainVaeConfig, to_dict
 from ldm_cli.data.images import ImageFolderDataset
+from ldm_cli.errors import ConfigError
 from ldm_cli.eval.metrics import psnr, ssim
 from ldm_cli.grid import make_grid, save_image
 from ldm_cli.training.ema import EMA
@@ -31,7 +33,8 @@ def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
 class AutoencoderTrainer:
     """The LDM recipe: the autoencoder minimises rec + KL (+ adaptive GAN); the discriminator, hinge loss."""
 
-    def __init__(self, config: TrainVaeConfig, holdout: ImageFolderDataset, device: torch.device) -> None:
+    def __init__(self, config: TrainVaeConfig, holdout: ImageFolderDataset, device: torch.device,
+                 init_weights: dict[str, torch.Tensor] | None = None) -> None:
         train = config.train
         self.config, self.device, self.holdout = config, device, holdout
         self.precision = resolve_precision(train.precision, device)
@@ -40,14 +43,27 @@ class AutoencoderTrainer:
         if config.loss.perceptual_weight > 0:
             lpips = load_lpips(config.loss.lpips_vgg_path, config.loss.lpips_heads_path).to(device, memory_format=self.memory_format)
         torch.manual_seed(train.seed)
-        self.model = AutoencoderKL(config.autoencoder).to(device, memory_format=self.memory_format)
+        self.model = AutoencoderKL(config.autoencoder)
+        if init_weights is not None:
+            self.model.load_state_dict(init_weights)
+        if config.loss.decoder_only:
+            self.model.encoder.requires_grad_(False)
+            self.model.quant_conv.requires_grad_(False)
+        self.model.to(device, memory_format=self.memory_format)
         self.loss = AutoencoderLoss(config.loss, lpips).to(device, memory_format=self.memory_format)
-        self.opt_ae = build_optimizer([*self.model.parameters(), self.loss.logvar], train)
+        trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+        self.opt_ae = build_optimizer([*trainable, self.loss.logvar], train)
         self.opt_disc = build_optimizer(self.loss.discriminator.parameters(), train)
-        self.schedules = [build_lr_schedule(self.opt_ae, train), build_lr_schedule(self.opt_disc, train)]
+        self.lr_schedule = build_lr_schedule(self.opt_ae, train)
+        self._follow_lr()
         self.scaler = grad_scaler(self.precision, device)
         self.ema = EMA(self.model, train.ema_decay) if train.ema_decay else None
         self.generator = torch.Generator(device).manual_seed(train.seed)  # posterior samples
+
+    def _follow_lr(self) -> None:
+        """The discriminator steps at the autoencoder's scheduled learning rate."""
+        for group in self.opt_disc.param_groups:
+            group["lr"] = self.opt_ae.param_groups[0]["lr"]
 
     def _images(self, batch: dict[str, Any]) -> torch.Tensor:
         return batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
@@ -88,11 +104,11 @@ class AutoencoderTrainer:
             self._step(self.opt_disc)
         if self.scaler:
             self.scaler.update()
-        for schedule in self.schedules:
-            schedule.step()
+        self.lr_schedule.step()
+        self._follow_lr()
         if self.ema:
             self.ema.update(self.model)
-        logs["lr"] = self.schedules[0].get_last_lr()[0]
+        logs["lr"] = self.lr_schedule.get_last_lr()[0]
         logs["loss"] = logs.pop("total_loss", logs.get("nll_loss", 0.0))
         return logs
 
@@ -132,7 +148,7 @@ class AutoencoderTrainer:
             "loss": {k: v for k, v in self.loss.state_dict().items() if not k.startswith("lpips.")},
             "opt_ae": optimizer_state(self.opt_ae),
             "opt_disc": optimizer_state(self.opt_disc),
-            "lr_schedules": [schedule.state_dict() for schedule in self.schedules],
+            "lr_schedule": self.lr_schedule.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "generator": self.generator.get_state(),
@@ -143,8 +159,9 @@ class AutoencoderTrainer:
         self.loss.load_state_dict(state["loss"], strict=False)
         load_optimizer_state(self.opt_ae, state["opt_ae"])
         load_optimizer_state(self.opt_disc, state["opt_disc"])
-        for schedule, saved in zip(self.schedules, state.get("lr_schedules", [])):
-            schedule.load_state_dict(saved)
+        if "lr_schedule" in state:  # a checkpoint without one trained at the constant rate
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self._follow_lr()
         if self.ema and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         if self.scaler and state["scaler"] is not None:
@@ -165,8 +182,15 @@ def estimate_latent_scale(model: AutoencoderKL, dataset: ImageFolderDataset, dev
     return float(1.0 / torch.cat(latents).std())
 
 
-def train_autoencoder(config: TrainVaeConfig, out: Path, overrides: list[str], resume: bool = False, device_name: str = "auto") -> Path:
-    """Train (or resume) an autoencoder run in `out`; returns the path of its bundle."""
+def train_autoencoder(config: TrainVaeConfig, out: Path, overrides: list[str], resume: bool = False, device_name: str = "auto",
+                      init_from: Path | None = None) -> Path:
+    """Train (or resume) an autoencoder run in `out`, optionally fine-tuning `init_from`'s; returns the path of its bundle."""
+    base = None
+    if init_from is not None:  # fine-tuning keeps the base autoencoder's architecture
+        base = load_autoencoder(init_from)
+        config.autoencoder = base.model.config
+    elif config.loss.decoder_only:
+        raise ConfigError("loss.decoder_only=true freezes a trained encoder: pass --init-from MODEL")
     config, _ = open_run(out, "train-vae", config, overrides, resume)
     device = resolve_device(device_name)
     data = config.data
@@ -174,12 +198,14 @@ def train_autoencoder(config: TrainVaeConfig, out: Path, overrides: list[str], r
     holdout = ImageFolderDataset.from_config(data, split="holdout", seed=config.train.seed)
     if len(holdout) == 0:
         holdout = train_set  # a one-image dataset has no held-out split
-    trainer = AutoencoderTrainer(config, holdout, device)
+    trainer = AutoencoderTrainer(config, holdout, device, base.model.state_dict() if base else None)
     train_loop(trainer, train_set, config.train, Path(out), collate=collate_images, description="train-vae")
 
     final_model = trainer.eval_model()
     metrics = trainer.evaluate(config.train.max_steps)
-    latent_scale = estimate_latent_scale(final_model, train_set, device)
+    # a frozen encoder keeps the base's latent space, scale included
+    keep_scale = base is not None and config.loss.decoder_only
+    latent_scale = base.latent_scale if keep_scale else estimate_latent_scale(final_model, train_set, device)
     bundle = write_bundle(
         Path(out) / "bundle",
         "autoencoder",
@@ -187,7 +213,7 @@ def train_autoencoder(config: TrainVaeConfig, out: Path, overrides: list[str], r
         {
             "autoencoder": to_dict(config.autoencoder),
             "latent_scale": latent_scale,
-            "latent_shift": 0.0,
+            "latent_shift": base.latent_shift if keep_scale else 0.0,
             "resolution": data.resolution,
             "holdout_metrics": metrics,
             "trained_steps": config.train.max_steps,
