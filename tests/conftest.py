@@ -47,7 +47,7 @@ TINY_VAE_OVERRIDES = [
 
 @pytest.fixture(scope="session")
 def photos_dir(tmp_path_factory) -> Path:
-    """12 small scikit-image photos: 4 portrait, 4 square, 4 landscape, with tag captions."""
+    """12 small scikit-image photos: 5 portrait, 4 landscape, 3 square, with tag captions."""
     from tests.photos import write_photo_folder
 
     return write_photo_folder(tmp_path_factory.mktemp("photos"))
