@@ -185,6 +185,8 @@ def estimate_latent_scale(model: AutoencoderKL, dataset: ImageFolderDataset, dev
 def train_autoencoder(config: TrainVaeConfig, out: Path, overrides: list[str], resume: bool = False, device_name: str = "auto",
                       init_from: Path | None = None) -> Path:
     """Train (or resume) an autoencoder run in `out`, optionally fine-tuning `init_from`'s; returns the path of its bundle."""
+    if config.data.buckets:
+        raise ConfigError("data.buckets is for `ldm encode`; train-vae trains on square crops (data.resolution, data.crop)")
     base = None
     if init_from is not None:  # fine-tuning keeps the base autoencoder's architecture
         base = load_autoencoder(init_from)
