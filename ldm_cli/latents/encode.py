@@ -2,7 +2,9 @@
 
 Every image is encoded once; we keep the posterior's mean and log-variance so training can draw
 a fresh latent each epoch. Shard k holds the folder's items [k * shard_size, (k + 1) * shard_size)
-in sorted-path order, so the split is the same on every run and on every process.
+in sorted-path order, so the split is the same on every run and on every process. With
+`data.buckets` (data/buckets.py) each image is assigned a bucket from its header size, and the
+shards are each bucket's items (in folder order) in chunks of shard_size, buckets in size order.
 
 Crash safety: a shard is written into `.tmp-shard_XXXXX-<random>` and renamed into place only when
 complete, so a reader never sees half a shard; a re-run skips shards already in place, removes
