@@ -51,3 +51,13 @@ def photos_dir(tmp_path_factory) -> Path:
     from tests.photos import write_photo_folder
 
     return write_photo_folder(tmp_path_factory.mktemp("photos"))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """`cuda`-marked tests need a GPU; LDM_TEST_DEVICE=cpu runs them on the CPU instead (a dry run)."""
+    if torch.cuda.is_available() or os.environ.get("LDM_TEST_DEVICE") == "cpu":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
