@@ -160,7 +160,7 @@ class AutoencoderTrainer:
         self._follow_lr()
         if self.ema:
             self.ema.update(self.model)
-        logs["lr"] = self.lr_schedule.get_last_lr()[0]
+        logs["lr"] = torch.tensor(self.lr_schedule.get_last_lr()[0], device=self.device)
         logs["loss"] = logs.pop("total_loss", logs.get("nll_loss", 0.0))
         return logs
 
