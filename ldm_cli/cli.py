@@ -91,6 +91,7 @@ def train_vae(
     data: Optional[Path] = typer.Option(None, "--data", help="Image folder (sets data.path)."),
     out: Path = typer.Option(Path("runs/vae"), "--out", help="Run directory (re-running into it resumes)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out with its saved config."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Fine-tune this autoencoder (an ldm run or bundle, or an imported SD VAE/model)."),
     device: str = DEVICE,
     offline: bool = OFFLINE,
     config_dir: Optional[Path] = CONFIG_DIR,
@@ -103,7 +104,7 @@ def train_vae(
     from ldm_cli.weights import config_sources
 
     _announce(config_sources(config))
-    bundle = train_autoencoder(config, out, list(overrides or []), resume=resume, device_name=device)
+    bundle = train_autoencoder(config, out, list(overrides or []), resume=resume, device_name=device, init_from=init_from)
     if _is_main():
         typer.echo(f"autoencoder bundle: {bundle}")
 
@@ -184,11 +185,21 @@ def data_shapes(
 
 
 @data_app.command("check")
-def data_check(directory: Path = typer.Argument(..., help="Image folder to check.")) -> None:
-    """Count images, sizes, caption coverage and unreadable files in a folder."""
+def data_check(
+    directory: Path = typer.Argument(..., help="Image folder to check."),
+    buckets: bool = typer.Option(False, "--buckets", help="Also print how many images each aspect-ratio bucket gets."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="data.* overrides as for `ldm encode`, e.g. data.resolution=512", show_default=False),
+) -> None:
+    """Count images, sizes, caption coverage, unreadable files and (--buckets) the bucket histogram of a folder."""
+    from ldm_cli.config import load_config
+    from ldm_cli.data.buckets import spec_from_config
     from ldm_cli.data.check import check_dataset, format_report
 
-    typer.echo(format_report(check_dataset(directory)))
+    data = load_config("encode", [f"data.path={directory}", *(overrides or [])]).data
+    spec = spec_from_config(data, data.resolution) if buckets else None
+    report = check_dataset(directory, data.resolution if buckets else None, data.holdout_fraction, buckets=spec,
+                           caption_extension=data.caption_extension)
+    typer.echo(format_report(report))
 
 
 @app.command("encode")
@@ -198,6 +209,7 @@ def encode(
     out: Path = typer.Option(..., "--out", help="Latent dataset directory (re-running resumes)."),
     cache_text: bool = typer.Option(False, "--cache-text", help="Also store the text encoder's outputs."),
     flip: bool = typer.Option(False, "--flip", help="Also store a horizontally flipped copy of each image."),
+    buckets: bool = typer.Option(False, "--buckets", help="Aspect-ratio buckets instead of square crops (data.buckets=true)."),
     device: str = DEVICE,
     offline: bool = OFFLINE,
     config_dir: Optional[Path] = CONFIG_DIR,
@@ -205,8 +217,9 @@ def encode(
     overrides: Optional[list[str]] = OVERRIDES,
 ) -> None:
     """Encode an image folder into a sharded latent dataset with a trained autoencoder."""
-    fixed = [f"data.path={data}"] + (["flip=true"] if flip else [])
+    fixed = [f"data.path={data}"] + (["flip=true"] if flip else []) + (["data.buckets=true"] if buckets else [])
     config = _config("encode", overrides, config_dir, fixed, show_config)
+    from ldm_cli.data.buckets import format_histogram
     from ldm_cli.latents.encode import encode_dataset
     from ldm_cli.weights import config_sources
 
@@ -214,6 +227,8 @@ def encode(
     index = encode_dataset(vae, config, out, cache_text=cache_text, device_name=device)
     if _is_main():
         typer.echo(f"latent dataset: {out} ({index['count']} items)")
+        if index.get("bucket_counts"):
+            typer.echo(format_histogram([(tuple(entry["size"]), entry["count"]) for entry in index["bucket_counts"]]))
 
 
 @app.command("train-diffusion")

@@ -25,6 +25,7 @@ from ldm_cli.diffusion.text import TextEncoderConfig
 from ldm_cli.diffusion.unet_config import UNetConfig
 from ldm_cli.training.distributed import DEFAULT_TIMEOUT_MINUTES
 from ldm_cli.errors import ConfigError
+from ldm_cli.training.optim import LR_SCHEDULES, OPTIMIZERS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -41,6 +42,10 @@ class TrainConfig:
     lr: float = 1e-4
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw (fused) | adafactor (fixed lr, low memory) | adamw8bit (bitsandbytes)
+    lr_schedule: str = "constant"  # after warmup_steps: constant | cosine | linear | cosine_with_restarts
+    lr_schedule_steps: Optional[int] = None  # steps the schedule spans; None: max_steps
+    lr_cycles: int = 1  # cosine_with_restarts: number of hard restarts
     warmup_steps: int = 0
     grad_clip: Optional[float] = None
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA, with a grad scaler)
@@ -72,7 +77,11 @@ class DiffusionObjectiveConfig:
     caption_dropout: float = 0.1  # so classifier-free guidance has an unconditional model
     min_snr_gamma: Optional[float] = None  # 5.0 is the paper's choice
     offset_noise: float = 0.0
-    validation_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square"])
+    # tag captions ("a, b, c"), augmented per step: needs live text encoding (latents without --cache-text)
+    shuffle_tags: bool = False
+    keep_tokens: int = 0  # the first N tags stay in place
+    tag_dropout: float = 0.0  # each other tag is dropped with this probability
+    validation_prompts: list[str] = field(default_factory=list)  # empty: 4 captions drawn from the dataset (seeded)
     validation_steps: int = 25
     validation_guidance_scale: float = 5.0
     validation_loss_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
@@ -244,6 +253,12 @@ def validate(config: Any) -> None:
         _check(train.keep_last > 0, "train.keep_last", "a positive integer", train.keep_last)
         _check(train.dist_timeout_minutes > 0, "train.dist_timeout_minutes", "a positive number", train.dist_timeout_minutes)
         _check(train.ema_decay is None or 0 < train.ema_decay < 1, "train.ema_decay", "null or a number in (0, 1)", train.ema_decay)
+        _check(train.optimizer in OPTIMIZERS, "train.optimizer", " | ".join(OPTIMIZERS), train.optimizer)
+        _check(train.lr_schedule in LR_SCHEDULES, "train.lr_schedule", " | ".join(LR_SCHEDULES), train.lr_schedule)
+        _check(train.lr_schedule_steps is None or train.lr_schedule_steps > 0, "train.lr_schedule_steps",
+               "null or a positive integer", train.lr_schedule_steps)
+        _check(train.lr_cycles > 0, "train.lr_cycles", "a positive integer", train.lr_cycles)
+        _check(train.warmup_steps >= 0, "train.warmup_steps", "a non-negative integer", train.warmup_steps)
         _check(len(train.adam_betas) == 2, "train.adam_betas", "two numbers", train.adam_betas)
         from ldm_cli.training.trackers import check_log_with
 
@@ -259,6 +274,8 @@ def validate(config: Any) -> None:
     objective = getattr(config, "objective", None)
     if objective is not None:
         _check(0 <= objective.caption_dropout < 1, "objective.caption_dropout", "a number in [0, 1)", objective.caption_dropout)
+        _check(0 <= objective.tag_dropout < 1, "objective.tag_dropout", "a number in [0, 1)", objective.tag_dropout)
+        _check(objective.keep_tokens >= 0, "objective.keep_tokens", "a non-negative integer", objective.keep_tokens)
     for part in dataclasses.fields(config):
         value = getattr(config, part.name)
         if hasattr(value, "validate"):

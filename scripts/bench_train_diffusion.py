@@ -14,11 +14,19 @@ same run, interleaved. `--variants` flips one of ours' settings at a time.
     python scripts/bench_train_diffusion.py --preset small --lora           # LoRA steps: ours (peft, as
         `ldm train-lora`) beside diffusers + peft (`add_adapter`), same rank and targets; plus our full
         fine-tune step for the memory ratio
+    python scripts/bench_train_diffusion.py --preset sd15 --memory      # peak memory per optimiser
+
+`--memory` measures only peak memory, of the low-memory setting a large fine-tune uses: batch 1,
+gradient checkpointing, bf16. Ours trains with bf16 weights + float32 masters and each
+`train.optimizer` (adamw, adafactor, adamw8bit where bitsandbytes imports); diffusers as its
+train_text_to_image.py with --gradient_checkpointing --mixed_precision=bf16 (float32 weights,
+autocast, torch AdamW). On the CPU each case runs in its own fresh process (peak RSS).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +45,7 @@ from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig  # noqa: E4
 from ldm_cli.diffusion.unet import UNet  # noqa: E402
 from ldm_cli.diffusion.unet_config import UNetConfig  # noqa: E402
 from ldm_cli.training.master_weights import MasterWeights  # noqa: E402
+from ldm_cli.training.optim import OPTIMIZERS, build_optimizer  # noqa: E402
 from ldm_cli.training.precision import autocast  # noqa: E402
 
 
@@ -66,6 +75,8 @@ class Case:
     channels_last: bool = False  # model and inputs in NHWC
     bf16_weights: bool = False  # the model in bf16 with float32 master weights, no autocast (train.bf16_weights)
     fused_adamw: bool = False  # torch.optim.AdamW(fused=True), as `ldm train-diffusion`
+    optimizer: str = ""  # ours: a train.optimizer (training/optim.py) instead of fused/default AdamW
+    checkpointing: bool = False  # gradient checkpointing (unet.gradient_checkpointing / enable_gradient_checkpointing)
     variant: str = ""  # how the case differs from the side's own training setup, for its name
     lora: bool = False  # only LoRA adapters train (Payload.lora_rank, Payload.lora_targets)
 
@@ -95,6 +106,7 @@ def build_model(payload: Payload, case: Case) -> tuple[torch.nn.Module, Callable
     from diffusers import UNet2DConditionModel
 
     config = from_dict(payload.unet_config, UNetConfig)
+    config.gradient_checkpointing = case.checkpointing
     torch.manual_seed(payload.seed)
     ours = UNet(config)
     if case.side == "ours":
@@ -104,6 +116,8 @@ def build_model(payload: Payload, case: Case) -> tuple[torch.nn.Module, Callable
     else:
         model = UNet2DConditionModel(**config.to_diffusers_config())
         model.load_state_dict(ours.state_dict(), strict=True)  # parameter names are diffusers'
+        if case.checkpointing:
+            model.enable_gradient_checkpointing()
         del ours
 
         def forward(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -134,7 +148,7 @@ def add_lora(model: torch.nn.Module, side: str, payload: Payload) -> None:
 def build_step(payload: Payload, case: Case, models: dict | None = None) -> Callable[[], torch.Tensor]:
     """One training step of `case` as a closure. `models` shares a model between autocast precisions."""
     device = torch.device(payload.device)
-    key = (case.side, case.bf16_weights, case.channels_last, case.fused_adamw, case.lora)
+    key = (case.side, case.bf16_weights, case.channels_last, case.fused_adamw, case.lora, case.optimizer, case.checkpointing)
     if models is not None and key in models:
         model, forward, optimizer, master = models[key]
     else:
@@ -142,7 +156,10 @@ def build_step(payload: Payload, case: Case, models: dict | None = None) -> Call
         master = MasterWeights(model) if case.bf16_weights else None  # casts the model to bf16
         # ours as DiffusionTrainer steps (fused AdamW); diffusers as its example training script (default AdamW)
         parameters = master.parameters if master else [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=1e-4, fused=case.fused_adamw or None)
+        if case.optimizer:
+            optimizer = build_optimizer(parameters, TrainConfig(optimizer=case.optimizer, lr=1e-4))
+        else:
+            optimizer = torch.optim.AdamW(parameters, lr=1e-4, fused=case.fused_adamw or None)
         if models is not None:
             models[key] = model, forward, optimizer, master
     config = from_dict(payload.unet_config, UNetConfig)
@@ -204,6 +221,32 @@ def select_cases(args: argparse.Namespace, trainer: TrainConfig) -> list[Case]:
     return cases
 
 
+def memory_cases(trainer: TrainConfig) -> list[Case]:
+    """The low-memory fine-tuning setting: ours per optimiser (bf16 weights + float32 masters), diffusers' AdamW."""
+    optimizers = [name for name in OPTIMIZERS if name != "adamw8bit" or importlib.util.find_spec("bitsandbytes")]
+    cases = [Case("ours", "bf16", channels_last=trainer.channels_last, bf16_weights=True, optimizer=name,
+                  checkpointing=True, variant=name) for name in optimizers]
+    return cases + [Case("diffusers", "bf16", checkpointing=True, variant="AdamW")]
+
+
+def report_memory(payload: Payload, preset: Preset, args: argparse.Namespace, device: torch.device) -> None:
+    print(f"U-Net {preset.unet}, latents {payload.batch_size}x4x{payload.latent_size}x{payload.latent_size}, context "
+          f"{payload.context_length}: one training step with gradient checkpointing at bf16\n")
+    if "ours bf16 adamw8bit" not in payload.cases:
+        print("note: bitsandbytes does not import here; adamw8bit is left out\n")
+    print("peak memory (a fresh process per case) ...\n" if device.type == "cpu" else "peak memory ...\n", flush=True)
+    memory = bench.measure_memory(list(payload.cases), build_case, payload, args.warmup, device)
+    reference = memory.get("diffusers bf16 AdamW")
+    rows = [[name, bench.mib(peak), bench.ratio(peak, reference)] for name, peak in memory.items()]
+    bench.print_table(["case", "peak MiB", "vs diffusers"], rows)
+    print("\nours: bf16 weights + float32 masters (train.bf16_weights), the named train.optimizer; diffusers: "
+          "train_text_to_image.py's step (float32 weights, autocast, torch AdamW)")
+    print(bench.memory_note(device))
+    adafactor = memory.get("ours bf16 adafactor")
+    if adafactor and reference:
+        print(f"\nours with adafactor vs diffusers: {adafactor / reference:.2f}x peak memory")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 2)[2])
@@ -216,6 +259,9 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true", help="time LoRA training steps (only adapters train) against diffusers + peft")
     parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default 16, the lora config group's)")
     parser.add_argument("--lora-targets", default="attention", help="attention | attention_ff | all")
+    parser.add_argument("--memory", action="store_true",
+                        help="only peak memory: batch 1, gradient checkpointing, bf16; ours with each train.optimizer "
+                             "beside diffusers' train_text_to_image step (AdamW)")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the GPU's peak TFLOP/s for model-FLOPs utilisation (default 989: H100 SXM dense bf16)")
     args = parser.parse_args()
@@ -236,6 +282,11 @@ def main() -> None:
         lora_rank=args.lora_rank,
         lora_targets=args.lora_targets,
     )
+    if args.memory:
+        payload.batch_size = args.batch_size or 1
+        payload.cases = {case.name: case for case in memory_cases(trainer)}
+        report_memory(payload, preset, args, device)
+        return
     repeats = args.repeats or preset.repeats
     models: dict = {}
     steps = {name: build_step(payload, case, models) for name, case in payload.cases.items()}

@@ -44,6 +44,15 @@ TINY_VAE_OVERRIDES = [
 ]
 
 
+
+@pytest.fixture(scope="session")
+def photos_dir(tmp_path_factory) -> Path:
+    """12 small scikit-image photos: 5 portrait, 4 landscape, 3 square, with tag captions."""
+    from tests.photos import write_photo_folder
+
+    return write_photo_folder(tmp_path_factory.mktemp("photos"))
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """`cuda`-marked tests need a GPU; LDM_TEST_DEVICE=cpu runs them on the CPU instead (a dry run)."""
     if torch.cuda.is_available() or os.environ.get("LDM_TEST_DEVICE") == "cpu":

@@ -33,6 +33,8 @@ class AutoencoderLossConfig:
     logvar_init: float = 0.0
     lpips_vgg_path: str | None = None
     lpips_heads_path: str | None = None
+    # train the decoder only (encoder and quant_conv frozen): latents encoded before stay valid, as SD's ft-MSE VAE
+    decoder_only: bool = False
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
 
 

@@ -19,18 +19,21 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
+from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder
 from ldm_cli.autoencoder.loss import AutoencoderLoss
 from ldm_cli.autoencoder.lpips import load_lpips
 from ldm_cli.autoencoder.model import AutoencoderKL, DiagonalGaussian
 from ldm_cli.bundle import write_bundle
 from ldm_cli.config import TrainVaeConfig, to_dict
 from ldm_cli.data.images import ImageFolderDataset
+from ldm_cli.errors import ConfigError
 from ldm_cli.eval.metrics import psnr, ssim
 from ldm_cli.grid import make_grid, save_image
 from ldm_cli.training.distributed import DistInfo, device_for, distributed, on_main
 from ldm_cli.training.ema import EMA
 from ldm_cli.training.loop import check_finite_loss, train_loop
-from ldm_cli.training.optimizer_state import load_optimizer_state
+from ldm_cli.training.optim import build_lr_schedule, build_optimizer
+from ldm_cli.training.optimizer_state import load_optimizer_state, optimizer_state
 from ldm_cli.training.precision import autocast, deterministic_kernels, grad_scaler, resolve_device, resolve_precision
 from ldm_cli.training.run_dir import claim_run, open_run
 
@@ -55,7 +58,8 @@ class Reconstruction(nn.Module):
 class AutoencoderTrainer:
     """The LDM recipe: the autoencoder minimises rec + KL (+ adaptive GAN); the discriminator, hinge loss."""
 
-    def __init__(self, config: TrainVaeConfig, holdout: ImageFolderDataset, device: torch.device, dist: DistInfo = DistInfo()) -> None:
+    def __init__(self, config: TrainVaeConfig, holdout: ImageFolderDataset, device: torch.device, dist: DistInfo = DistInfo(),
+                 init_weights: dict[str, torch.Tensor] | None = None) -> None:
         train = config.train
         self.config, self.device, self.holdout, self.dist = config, device, holdout, dist
         self.precision = resolve_precision(train.precision, device)
@@ -64,7 +68,13 @@ class AutoencoderTrainer:
         if config.loss.perceptual_weight > 0:
             lpips = load_lpips(config.loss.lpips_vgg_path, config.loss.lpips_heads_path).to(device, memory_format=self.memory_format)
         torch.manual_seed(train.seed)
-        self.model = AutoencoderKL(config.autoencoder).to(device, memory_format=self.memory_format)
+        self.model = AutoencoderKL(config.autoencoder)
+        if init_weights is not None:
+            self.model.load_state_dict(init_weights)
+        if config.loss.decoder_only:
+            self.model.encoder.requires_grad_(False)
+            self.model.quant_conv.requires_grad_(False)
+        self.model.to(device, memory_format=self.memory_format)
         self.loss = AutoencoderLoss(config.loss, lpips)
         if dist.enabled and device.type == "cuda":  # batch statistics over the global batch, as one process sees it
             self.loss.discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(self.loss.discriminator)
@@ -74,15 +84,18 @@ class AutoencoderTrainer:
         if dist.enabled:
             self.reconstruction = DistributedDataParallel(self.reconstruction)
             self.discriminator = DistributedDataParallel(self.discriminator)
-        betas = tuple(train.adam_betas)
-        self.opt_ae = torch.optim.Adam(
-            [*self.model.parameters(), self.loss.logvar], lr=train.lr, betas=betas, weight_decay=train.weight_decay, fused=True
-        )
-        self.opt_disc = torch.optim.Adam(
-            self.loss.discriminator.parameters(), lr=train.lr, betas=betas, weight_decay=train.weight_decay, fused=True
-        )
+        trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+        self.opt_ae = build_optimizer([*trainable, self.loss.logvar], train)
+        self.opt_disc = build_optimizer(self.loss.discriminator.parameters(), train)
+        self.lr_schedule = build_lr_schedule(self.opt_ae, train)
+        self._follow_lr()
         self.scaler = grad_scaler(self.precision, device)
         self.ema = EMA(self.model, train.ema_decay) if train.ema_decay else None
+
+    def _follow_lr(self) -> None:
+        """The discriminator steps at the autoencoder's scheduled learning rate."""
+        for group in self.opt_disc.param_groups:
+            group["lr"] = self.opt_ae.param_groups[0]["lr"]
 
     def _images(self, batch: dict[str, Any]) -> torch.Tensor:
         return batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
@@ -146,8 +159,11 @@ class AutoencoderTrainer:
             self._step(self.opt_disc)
         if self.scaler:
             self.scaler.update()
+        self.lr_schedule.step()
+        self._follow_lr()
         if self.ema:
             self.ema.update(self.model)
+        logs["lr"] = torch.tensor(self.lr_schedule.get_last_lr()[0], device=self.device)
         logs["loss"] = logs.pop("total_loss", logs.get("nll_loss", 0.0))
         return logs
 
@@ -185,8 +201,9 @@ class AutoencoderTrainer:
         return {
             "model": self.model.state_dict(),
             "loss": {k: v for k, v in self.loss.state_dict().items() if not k.startswith("lpips.")},
-            "opt_ae": self.opt_ae.state_dict(),
-            "opt_disc": self.opt_disc.state_dict(),
+            "opt_ae": optimizer_state(self.opt_ae),
+            "opt_disc": optimizer_state(self.opt_disc),
+            "lr_schedule": self.lr_schedule.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
         }
@@ -196,6 +213,9 @@ class AutoencoderTrainer:
         self.loss.load_state_dict(state["loss"], strict=False)
         load_optimizer_state(self.opt_ae, state["opt_ae"])
         load_optimizer_state(self.opt_disc, state["opt_disc"])
+        if "lr_schedule" in state:  # a checkpoint without one trained at the constant rate
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self._follow_lr()
         if self.ema and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         if self.scaler and state["scaler"] is not None:
@@ -215,14 +235,24 @@ def estimate_latent_scale(model: AutoencoderKL, dataset: ImageFolderDataset, dev
     return float(1.0 / torch.cat(latents).std())
 
 
-def train_autoencoder(config: TrainVaeConfig, out: Path, overrides: list[str], resume: bool = False, device_name: str = "auto") -> Path:
-    """Train (or resume) an autoencoder run in `out`; returns the path of its bundle."""
+def train_autoencoder(config: TrainVaeConfig, out: Path, overrides: list[str], resume: bool = False, device_name: str = "auto",
+                      init_from: Path | None = None) -> Path:
+    """Train (or resume) an autoencoder run in `out`, optionally fine-tuning `init_from`'s; returns the path of its bundle."""
+    if config.data.buckets:
+        raise ConfigError("data.buckets is for `ldm encode`; train-vae trains on square crops (data.resolution, data.crop)")
+    base = None
+    if init_from is not None:  # fine-tuning keeps the base autoencoder's architecture
+        base = load_autoencoder(init_from)
+        config.autoencoder = base.model.config
+    elif config.loss.decoder_only:
+        raise ConfigError("loss.decoder_only=true freezes a trained encoder: pass --init-from MODEL")
     device = resolve_device(device_name)
     with distributed(device, config.train.dist_timeout_minutes) as dist, deterministic_kernels(config.train.deterministic):
-        return _train_autoencoder(config, Path(out), overrides, resume, device_for(device, dist), dist)
+        return _train_autoencoder(config, Path(out), overrides, resume, device_for(device, dist), dist, base)
 
 
-def _train_autoencoder(config: TrainVaeConfig, out: Path, overrides: list[str], resume: bool, device: torch.device, dist: DistInfo) -> Path:
+def _train_autoencoder(config: TrainVaeConfig, out: Path, overrides: list[str], resume: bool, device: torch.device, dist: DistInfo,
+                       base: LoadedAutoencoder | None) -> Path:
     # decides without writing (a failed start leaves --out untouched); every process reads the same directory
     opened = on_main(dist, lambda: open_run(out, "train-vae", config, overrides, resume))
     config, _ = opened if dist.is_main else open_run(out, "train-vae", config, overrides, resume)
@@ -231,21 +261,24 @@ def _train_autoencoder(config: TrainVaeConfig, out: Path, overrides: list[str], 
     holdout = ImageFolderDataset.from_config(data, split="holdout", seed=config.train.seed)
     if len(holdout) == 0:
         holdout = train_set  # a one-image dataset has no held-out split
-    trainer = AutoencoderTrainer(config, holdout, device, dist)
+    trainer = AutoencoderTrainer(config, holdout, device, dist, base.model.state_dict() if base else None)
     lock = on_main(dist, lambda: claim_run(out, "train-vae", config))  # everything is checked: only now is --out written
     try:
         train_loop(trainer, train_set, config.train, out, dist, collate=collate_images, description="train-vae")
-        bundle = on_main(dist, lambda: _write_bundle(trainer, train_set, config, out, device))
+        bundle = on_main(dist, lambda: _write_bundle(trainer, train_set, config, out, device, base))
     finally:
         if lock is not None:
             lock.release()
     return bundle if bundle is not None else out / "bundle"
 
 
-def _write_bundle(trainer: AutoencoderTrainer, train_set: ImageFolderDataset, config: TrainVaeConfig, out: Path, device: torch.device) -> Path:
+def _write_bundle(trainer: AutoencoderTrainer, train_set: ImageFolderDataset, config: TrainVaeConfig, out: Path, device: torch.device,
+                  base: LoadedAutoencoder | None = None) -> Path:
     final_model = trainer.eval_model()
     metrics = trainer.evaluate(config.train.max_steps)
-    latent_scale = estimate_latent_scale(final_model, train_set, device)
+    # a frozen encoder keeps the base's latent space, scale included
+    keep_scale = base is not None and config.loss.decoder_only
+    latent_scale = base.latent_scale if keep_scale else estimate_latent_scale(final_model, train_set, device)
     bundle = write_bundle(
         out / "bundle",
         "autoencoder",
@@ -253,7 +286,7 @@ def _write_bundle(trainer: AutoencoderTrainer, train_set: ImageFolderDataset, co
         {
             "autoencoder": to_dict(config.autoencoder),
             "latent_scale": latent_scale,
-            "latent_shift": 0.0,
+            "latent_shift": base.latent_shift if keep_scale else 0.0,
             "resolution": config.data.resolution,
             "holdout_metrics": metrics,
             "trained_steps": config.train.max_steps,

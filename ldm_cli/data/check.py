@@ -16,6 +16,7 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, ImageFile
 
+from ldm_cli.data.buckets import BucketSpec, assign_buckets, enumerate_buckets, format_histogram, histogram
 from ldm_cli.data.images import captions_for, find_images, holdout_count
 from ldm_cli.errors import DataError
 
@@ -35,6 +36,7 @@ class DataReport:
     n_smaller: int = 0  # good images whose shorter side is below `resolution` (upscaled)
     resolution: Optional[int] = None
     n_holdout: int = 0
+    buckets: Optional[list[tuple[tuple[int, int], int]]] = None  # ((width, height), images), most common first
 
     @property
     def n_good(self) -> int:
@@ -58,6 +60,8 @@ def _inspect(path: Path) -> _FileInfo:
             return info
         with Image.open(path) as image:
             info.format, info.mode, info.size = image.format, image.mode, image.size
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # shown rotated by 90 degrees
+                info.size = image.size[::-1]
             if image.format == "JPEG":
                 image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
             image.load()
@@ -67,11 +71,13 @@ def _inspect(path: Path) -> _FileInfo:
 
 
 def check_dataset(root: Union[str, Path], resolution: Optional[int] = None,
-                  holdout_fraction: float = 0.05, workers: Optional[int] = None) -> DataReport:
-    """Decode every image under `root` and summarise; raises DataError for a missing/empty folder."""
+                  holdout_fraction: float = 0.05, workers: Optional[int] = None,
+                  buckets: Optional[BucketSpec] = None, caption_extension: str = ".txt") -> DataReport:
+    """Decode every image under `root` and summarise; raises DataError for a missing/empty folder.
+    With `buckets`, also count the images each aspect-ratio bucket would get."""
     root = Path(root)
     paths = find_images(root)
-    captions = captions_for(root, paths)
+    captions = captions_for(root, paths, caption_extension)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise DataError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; unset it to detect truncated images")
     # decoding releases the GIL, so threads use all cores
@@ -100,6 +106,7 @@ def check_dataset(root: Union[str, Path], resolution: Optional[int] = None,
         n_smaller=sum(1 for info in good if resolution and min(info.size) < resolution),
         resolution=resolution,
         n_holdout=holdout_count(len(infos), holdout_fraction),
+        buckets=histogram(assign_buckets([info.size for info in good], enumerate_buckets(buckets))) if buckets else None,
     )
 
 
@@ -117,6 +124,8 @@ def format_report(report: DataReport, max_bad: int = 20) -> str:
     ]
     if report.resolution:
         lines.append(f"smaller than {report.resolution}px (will be upscaled): {report.n_smaller}")
+    if report.buckets is not None:
+        lines.append(format_histogram(report.buckets))
     if report.bad_files:
         lines.append(f"bad files (skipped during training): {report.n_bad}")
         for path, reason in report.bad_files[:max_bad]:

@@ -48,6 +48,13 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes
     source: str = "folder"  # "folder": read `path` | "shapes": generate the built-in shapes set
     num_images: int = 2000  # size of a generated set (source=shapes)
+    caption_extension: str = ".txt"  # sidecar captions: photo.jpg -> photo<caption_extension>
+    # aspect-ratio buckets (`ldm encode --buckets`, data/buckets.py): area resolution², sides multiples of bucket_step
+    buckets: bool = False
+    bucket_step: int = 64  # pixels; a multiple of the autoencoder's downsampling factor
+    min_side: Optional[int] = None  # null: resolution / 2
+    max_side: Optional[int] = None  # null: resolution * 2
+    max_aspect: float = 2.0
 
     def validate(self) -> None:
         if self.crop not in CROPS:
@@ -60,6 +67,10 @@ class DataConfig:
             raise ConfigError(f"data.source must be 'folder' or 'shapes', got {self.source!r}")
         if self.source == "shapes" and self.num_images < 1:
             raise ConfigError(f"data.num_images must be positive, got {self.num_images}")
+        if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
+            raise ConfigError(f"data.caption_extension must look like .txt, got {self.caption_extension!r}")
+        if self.bucket_step < 1 or self.max_aspect < 1:
+            raise ConfigError(f"data.bucket_step must be positive and data.max_aspect >= 1, got {self.bucket_step} and {self.max_aspect}")
 
 
 # ----------------------------------------------------------------------------- pixels
@@ -95,6 +106,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")  # L, 1, CMYK, YCbCr, RGBX, LAB, HSV
     except ValueError as error:
         raise DataError(f"cannot convert image mode {mode} to RGB ({error})") from error
+
+
+def image_size(path: Union[str, Path]) -> Optional[tuple[int, int]]:
+    """(width, height) as `load_image_rgb` returns it (EXIF rotation applied), from the header; None if unreadable."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)  # 5-8: stored rotated by 90 degrees
+    except Exception:  # the encoder reports bad files when it reads them
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def load_image_rgb(path: Union[str, Path], min_size: Optional[int] = None) -> Image.Image:
@@ -255,19 +277,19 @@ def _key(path: Path) -> Path:
     return Path(os.path.normpath(os.path.abspath(path)))
 
 
-def _sidecar_caption(image_path: Path) -> Optional[str]:
-    sidecar = image_path.with_suffix(".txt")
+def _sidecar_caption(image_path: Path, extension: str = ".txt") -> Optional[str]:
+    sidecar = image_path.with_suffix(extension)
     if sidecar.is_file():
         return sidecar.read_text(encoding="utf-8", errors="replace").strip()
     return None
 
 
-def captions_for(root: Path, image_paths: list[Path]) -> list[str]:
-    """The caption of each image: its sidecar name.txt, else metadata, else ""."""
+def captions_for(root: Path, image_paths: list[Path], extension: str = ".txt") -> list[str]:
+    """The caption of each image: its sidecar (name.txt, or `extension`), else metadata, else ""."""
     metadata = read_captions(root)
     captions = []
     for path in image_paths:
-        sidecar = _sidecar_caption(path)
+        sidecar = _sidecar_caption(path, extension)
         captions.append(sidecar if sidecar is not None else metadata.get(_key(path), ""))
     return captions
 
@@ -290,7 +312,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: Union[str, Path], resolution: int = 256, crop: str = "center",
                  random_flip: bool = False, split: str = "train", holdout_fraction: float = 0.05,
-                 seed: int = 0) -> None:
+                 seed: int = 0, caption_extension: str = ".txt") -> None:
         if crop not in CROPS:
             raise ConfigError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
         if split not in SPLITS:
@@ -310,7 +332,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if split == "all" or (rel in held_out) == (split == "holdout")
         ]
 
-        self.captions: list[str] = captions_for(self.root, self.paths)
+        self.captions: list[str] = captions_for(self.root, self.paths, caption_extension)
         self.bad_files: list[str] = []
 
     @classmethod
@@ -321,7 +343,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if root is None:
             raise ConfigError("data.path is not set: pass data.path=DIR (a folder of images)")
         return cls(root, config.resolution, config.crop, config.random_flip, split,
-                   config.holdout_fraction, seed)
+                   config.holdout_fraction, seed, config.caption_extension)
 
     def __len__(self) -> int:
         return len(self.paths)

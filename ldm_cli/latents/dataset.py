@@ -10,7 +10,11 @@ Layout of a latent dataset directory:
         text.npy               [n, L, D] float16: the caption's text-encoder output (with --cache-text)
         captions.json          list[str]
         paths.json             list[str], relative to the source folder
-        shard.json             count and the unreadable files skipped in this shard
+        shard.json             count, latent shape and the unreadable files skipped in this shard
+
+With aspect-ratio buckets (`ldm encode --buckets`) every shard holds one bucket's shape; the
+index lists each shard's `latent_shape`, and `latent_shape` is the most common bucket's. A set
+made without buckets is one bucket.
 
 Storing the posterior rather than one sample lets training draw a fresh latent every epoch.
 Shards are opened lazily with `np.load(mmap_mode="r")`, per process and at most a bounded
@@ -20,6 +24,7 @@ number at a time, so the dataset pickles into DataLoader workers and never sits 
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional
@@ -107,6 +112,7 @@ class LatentDataset(torch.utils.data.Dataset):
         self.starts = np.cumsum([0] + [int(shard["count"]) for shard in self.index["shards"]])
         if self.starts[-1] != self.count:
             raise DataError(f"{self.root / INDEX_FILE} is inconsistent (shards hold {self.starts[-1]} items, count says {self.count})")
+        self.shard_shapes = [tuple(int(n) for n in shard.get("latent_shape", self.index["latent_shape"])) for shard in self.index["shards"]]
         self.max_open_shards = max_open_shards
         self._open: OrderedDict[int, dict[str, Any]] = OrderedDict()
 
@@ -132,6 +138,22 @@ class LatentDataset(torch.utils.data.Dataset):
     def latent_shape(self) -> tuple[int, int, int]:
         channels, height, width = self.index["latent_shape"]
         return int(channels), int(height), int(width)
+
+    def buckets(self) -> dict[tuple[int, int, int], list[int]]:
+        """Item indices by latent shape (flipped copies with their originals), most items first (ties: squarest)."""
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for number, shape in enumerate(self.shard_shapes):
+            groups.setdefault(shape, []).extend(range(int(self.starts[number]), int(self.starts[number + 1])))
+        if self.use_flip:
+            for items in groups.values():
+                items.extend([item + self.count for item in items])
+        return dict(sorted(groups.items(), key=lambda entry: (-len(entry[1]), abs(math.log(entry[0][2] / entry[0][1])), entry[0])))
+
+    def caption(self, index: int) -> str:
+        """Item `index`'s caption, without reading its latents."""
+        item = index - self.count if index >= self.count else index
+        number = int(np.searchsorted(self.starts, item, side="right")) - 1
+        return self._shard(number)["captions"][item - int(self.starts[number])]
 
     @property
     def resolution(self) -> int:

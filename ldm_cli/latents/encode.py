@@ -2,7 +2,9 @@
 
 Every image is encoded once; we keep the posterior's mean and log-variance so training can draw
 a fresh latent each epoch. Shard k holds the folder's items [k * shard_size, (k + 1) * shard_size)
-in sorted-path order, so the split is the same on every run and on every process.
+in sorted-path order, so the split is the same on every run and on every process. With
+`data.buckets` (data/buckets.py) each image is assigned a bucket from its header size, and the
+shards are each bucket's items (in folder order) in chunks of shard_size, buckets in size order.
 
 Crash safety: a shard is written into `.tmp-shard_XXXXX-<random>` and renamed into place only when
 complete, so a reader never sees half a shard; a re-run skips shards already in place, removes
@@ -33,7 +35,8 @@ from tqdm import tqdm
 
 from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder
 from ldm_cli.config import EncodeConfig, to_dict
-from ldm_cli.data.images import DataConfig, ImageFolderDataset, resolve_data_root
+from ldm_cli.data.buckets import Size, assign_buckets, cover_crop, enumerate_buckets, histogram, spec_from_config
+from ldm_cli.data.images import DataConfig, ImageFolderDataset, image_size, load_image_rgb, pil_to_tensor, resolve_data_root
 from ldm_cli.diffusion.text import TextEncoder, load_text_encoder
 from ldm_cli.errors import ConfigError, DataError, IncompatibleError, RunDirError
 from ldm_cli.latents.dataset import FORMAT, INDEX_FILE, SHARD_META, UNCOND_FILE, shard_files, shard_name
@@ -43,7 +46,7 @@ from ldm_cli.training.precision import autocast, resolve_device, resolve_precisi
 TMP_PREFIX = ".tmp-"
 MAX_LISTED_BAD_FILES = 100
 # What a re-run must share with the latents already in the directory to add shards to them.
-SETTINGS = ("latent_scale", "latent_shift", "resolution", "latent_shape", "flip", "shard_size", "text", "num_files", "files_digest")
+SETTINGS = ("latent_scale", "latent_shift", "resolution", "latent_shape", "flip", "shard_size", "text", "num_files", "files_digest", "buckets")
 
 
 # --- the work split: pure functions -----------------------------------------------------------------
@@ -61,11 +64,28 @@ def shard_items(number: int, shard_size: int, num_items: int) -> range:
 
 def plan_batches(shards: list[int], shard_size: int, num_items: int, batch_size: int) -> list[list[int]]:
     """Batches of item indices, in order, none crossing a shard boundary."""
-    batches = []
-    for number in shards:
-        items = shard_items(number, shard_size, num_items)
-        batches += [list(items[start:start + batch_size]) for start in range(0, len(items), batch_size)]
-    return batches
+    plan = [list(shard_items(number, shard_size, num_items)) for number in range(max(shards, default=-1) + 1)]
+    return batches_of(plan, shards, batch_size)
+
+
+def batches_of(plan: list[list[int]], shards: list[int], batch_size: int) -> list[list[int]]:
+    """Batches of the items of `shards` (plan[k]: the items of shard k), none crossing a shard boundary."""
+    return [plan[number][start:start + batch_size] for number in shards for start in range(0, len(plan[number]), batch_size)]
+
+
+def bucket_plan(buckets: list[Size], shard_size: int) -> tuple[list[list[int]], list[Size]]:
+    """Shards per bucket shape: each bucket's items (in folder order) in chunks of `shard_size`,
+    buckets in order of their size; returns the items and the (width, height) of every shard."""
+    members: dict[Size, list[int]] = {}
+    for item, bucket in enumerate(buckets):
+        members.setdefault(bucket, []).append(item)
+    plan, sizes = [], []
+    for bucket in sorted(members):
+        items = members[bucket]
+        for start in range(0, len(items), shard_size):
+            plan.append(items[start:start + shard_size])
+            sizes.append(bucket)
+    return plan, sizes
 
 
 # --- reading images (in DataLoader workers) --------------------------------------------------------
@@ -74,15 +94,19 @@ def plan_batches(shards: list[int], shard_size: int, num_items: int, batch_size:
 class _ImagesOrErrors(Dataset):
     """Item i of the folder as pixels, or the reason it cannot be read: bad files are skipped, not substituted."""
 
-    def __init__(self, images: ImageFolderDataset) -> None:
-        self.images = images
+    def __init__(self, images: ImageFolderDataset, targets: Optional[list[Size]] = None) -> None:
+        self.images, self.targets = images, targets  # targets: each item's bucket (width, height)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[int, Optional[torch.Tensor], Optional[str]]:
         try:
-            return index, self.images.load(index), None
+            if self.targets is None:
+                return index, self.images.load(index), None
+            target = self.targets[index]
+            image = load_image_rgb(self.images.paths[index], min_size=max(target))
+            return index, pil_to_tensor(cover_crop(image, target)), None
         except DataError as error:
             return index, None, str(error)
 
@@ -122,7 +146,9 @@ def write_shard(out: Path, number: int, arrays: dict[str, np.ndarray], meta: dic
             np.save(staging / f"{name}.npy", array)
         (staging / "captions.json").write_text(json.dumps(meta["captions"]))
         (staging / "paths.json").write_text(json.dumps(meta["paths"]))
-        (staging / SHARD_META).write_text(json.dumps({"count": len(meta["paths"]), "items": meta["items"], "bad_files": meta["bad_files"]}))
+        (staging / SHARD_META).write_text(json.dumps({
+            "count": len(meta["paths"]), "items": meta["items"], "bad_files": meta["bad_files"], "latent_shape": meta["latent_shape"],
+        }))
         if final.exists():  # an incomplete leftover (a file deleted by hand): replace it
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -132,11 +158,22 @@ def write_shard(out: Path, number: int, arrays: dict[str, np.ndarray], meta: dic
     return final
 
 
+def _empty_arrays(latent_shape: list[int], header: dict[str, Any], flip: bool) -> dict[str, np.ndarray]:
+    """What a shard holds when none of its images could be read."""
+    empty = {name: np.zeros((0, *latent_shape), np.float32) for name in ("mean", "logvar")}
+    if flip:
+        empty.update(mean_flip=empty["mean"], logvar_flip=empty["logvar"])
+    if header["text"] is not None:
+        empty["text"] = np.zeros((0, header["text"]["max_length"], header["text"]["width"]), np.float16)
+    return empty
+
+
 class _ShardBuffer:
     """Encodings of one shard, gathered batch by batch until its last batch arrives."""
 
-    def __init__(self, number: int, items: range, batches: int) -> None:
+    def __init__(self, number: int, items: list[int], batches: int, latent_shape: list[int], contiguous: bool) -> None:
         self.number, self.items, self.batches_left = number, items, batches
+        self.latent_shape, self.contiguous = latent_shape, contiguous
         self.arrays: dict[str, list[np.ndarray]] = {}
         self.captions: list[str] = []
         self.paths: list[str] = []
@@ -150,7 +187,9 @@ class _ShardBuffer:
 
     def finish(self, empty: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays = {name: np.concatenate(self.arrays[name]) if name in self.arrays else blank for name, blank in empty.items()}
-        meta = {"captions": self.captions, "paths": self.paths, "bad_files": self.bad_files, "items": [self.items.start, self.items.stop]}
+        # a square set's shard covers a range of the folder; a bucket's shard lists its items
+        items = [self.items[0], self.items[-1] + 1] if self.contiguous else self.items
+        meta = {"captions": self.captions, "paths": self.paths, "bad_files": self.bad_files, "items": items, "latent_shape": self.latent_shape}
         return arrays, meta
 
 
@@ -183,9 +222,17 @@ def _index(header: dict[str, Any], known: dict[int, dict[str, Any]], complete: b
     index["count"] = sum(known[number]["count"] for number in numbers)
     index.update(flip=header["flip"], shard_size=header["shard_size"])
     index["shards"] = [{"name": shard_name(number), "count": known[number]["count"]} for number in numbers]
+    if header["buckets"] is not None:
+        for shard, number in zip(index["shards"], numbers):
+            shard["latent_shape"] = header["shard_shapes"][number]
+        counts: dict[tuple[int, int], int] = {}
+        for number in numbers:
+            size = tuple(header["shard_sizes"][number])
+            counts[size] = counts.get(size, 0) + known[number]["count"]
+        index["bucket_counts"] = [{"size": list(size), "count": count} for size, count in sorted(counts.items())]
     index["text"] = header["text"]
     index.update(bad_images=len(bad_files), bad_files=bad_files[:MAX_LISTED_BAD_FILES])
-    index.update({key: header[key] for key in ("source", "num_shards", "num_files", "files_digest")})
+    index.update({key: header[key] for key in ("source", "num_shards", "num_files", "files_digest", "buckets")})
     index["complete"] = complete
     return index
 
@@ -303,11 +350,22 @@ def _encode_dataset(
         raise ConfigError(f"data.resolution={resolution} is not a multiple of the autoencoder's downsampling factor {factor}")
     root = on_main(dist, lambda: resolve_data_root(config.data, out.parent))  # may generate the shapes set
     root = resolve_data_root(config.data, out.parent) if root is None else root
-    images = ImageFolderDataset(root, resolution, crop="center", random_flip=False, split="all")
+    images = ImageFolderDataset(root, resolution, crop="center", random_flip=False, split="all",
+                                caption_extension=config.data.caption_extension)
     text_encoder = load_text_encoder(config.text_encoder, device=device) if cache_text else None
 
-    latent_shape = [autoencoder.latent_channels, resolution // factor, resolution // factor]
-    num_shards = math.ceil(len(images) / config.shard_size)
+    channels = autoencoder.latent_channels
+    if config.data.buckets:
+        targets, plan, sizes, spec = _bucket_targets(images, config, resolution, factor)
+        shard_shapes = [[channels, height // factor, width // factor] for width, height in sizes]
+        (width, height), _ = histogram(targets)[0]  # the most common bucket stands for the set
+        latent_shape = [channels, height // factor, width // factor]
+    else:
+        targets, spec = None, None
+        plan = [list(shard_items(k, config.shard_size, len(images))) for k in range(math.ceil(len(images) / config.shard_size))]
+        latent_shape = [channels, resolution // factor, resolution // factor]
+        sizes, shard_shapes = [(resolution, resolution)] * len(plan), [latent_shape] * len(plan)
+    num_shards = len(plan)
     header = {
         "format": FORMAT,
         "autoencoder": {"content_hash": autoencoder.bundle.content_hash, "path": str(autoencoder.bundle.path.resolve())},
@@ -324,6 +382,9 @@ def _encode_dataset(
         "num_shards": num_shards,
         "num_files": len(images),
         "files_digest": _files_digest(images),
+        "buckets": spec,
+        "shard_shapes": shard_shapes,
+        "shard_sizes": [list(size) for size in sizes],
     }
     files = shard_files(config.flip, cache_text)
     encoder = _Encoder(autoencoder, text_encoder, config.flip, precision, device)
@@ -340,7 +401,7 @@ def _encode_dataset(
 
     on_main(dist, prepare)
     pending = [number for number in shards_for_rank(num_shards, dist.rank, dist.world_size) if _shard_meta(out, number, files) is None]
-    _encode_shards(images, encoder, config, out, pending, header, known, dist, files)
+    _encode_shards(_ImagesOrErrors(images, targets), plan, encoder, config, out, pending, header, known, dist, files)
     barrier(dist)
 
     def finish() -> dict[str, Any]:
@@ -363,8 +424,20 @@ def _encode_dataset(
     return index if dist.is_main else json.loads((out / INDEX_FILE).read_text())
 
 
+def _bucket_targets(images: ImageFolderDataset, config: EncodeConfig, resolution: int, factor: int) -> tuple[list[Size], list[list[int]], list[Size], dict[str, Any]]:
+    """Each image's bucket (from its header), the shards per bucket, their sizes, and the spec as recorded."""
+    spec = spec_from_config(config.data, resolution)
+    if spec.step % factor:
+        raise ConfigError(f"data.bucket_step={spec.step} is not a multiple of the autoencoder's downsampling factor {factor}")
+    targets = assign_buckets([image_size(path) for path in images.paths], enumerate_buckets(spec))
+    plan, sizes = bucket_plan(targets, config.shard_size)
+    low, high = spec.sides
+    return targets, plan, sizes, {"step": spec.step, "min_side": low, "max_side": high, "max_aspect": spec.max_aspect}
+
+
 def _encode_shards(
-    images: ImageFolderDataset,
+    reader: _ImagesOrErrors,
+    plan: list[list[int]],
     encoder: _Encoder,
     config: EncodeConfig,
     out: Path,
@@ -374,26 +447,23 @@ def _encode_shards(
     dist: DistInfo,
     files: list[str],
 ) -> None:
-    size, num_items = config.shard_size, len(images)
-    batches = plan_batches(pending, size, num_items, config.batch_size)
-    buffers = {}
+    images = reader.images
+    batches = batches_of(plan, pending, config.batch_size)
+    buffers, shard_of = {}, {}
     for number in pending:
-        items = shard_items(number, size, num_items)
-        buffers[number] = _ShardBuffer(number, items, batches=math.ceil(len(items) / config.batch_size))
-    empty = {name: np.zeros((0, *header["latent_shape"]), np.float32) for name in ("mean", "logvar")}
-    if config.flip:
-        empty.update(mean_flip=empty["mean"], logvar_flip=empty["logvar"])
-    if header["text"] is not None:
-        empty["text"] = np.zeros((0, header["text"]["max_length"], header["text"]["width"]), np.float16)
+        items = plan[number]
+        buffers[number] = _ShardBuffer(number, items, math.ceil(len(items) / config.batch_size), header["shard_shapes"][number],
+                                       contiguous=header["buckets"] is None)
+        shard_of.update(dict.fromkeys(items, number))
     if not batches:
         return
     loader = DataLoader(
-        _ImagesOrErrors(images), batch_sampler=batches, collate_fn=_collate,
+        reader, batch_sampler=batches, collate_fn=_collate,
         num_workers=config.data.num_workers, pin_memory=encoder.device.type == "cuda",
     )
     progress = tqdm(total=sum(len(b.items) for b in buffers.values()), desc="encode", unit="img", disable=not dist.is_main, dynamic_ncols=True)
     for batch in loader:
-        buffer = buffers[batch["first"] // size]
+        buffer = buffers[shard_of[batch["first"]]]
         for index, error in batch["bad"]:
             buffer.bad_files.append(images.paths[index].relative_to(images.root).as_posix())
             tqdm.write(f"warning: skipping unreadable image: {error}", file=sys.stderr)
@@ -404,7 +474,7 @@ def _encode_shards(
         progress.update(len(batch["indices"]) + len(batch["bad"]))
         buffer.batches_left -= 1
         if buffer.batches_left == 0:
-            arrays, meta = buffer.finish(empty)
+            arrays, meta = buffer.finish(_empty_arrays(buffer.latent_shape, header, config.flip))
             write_shard(out, buffer.number, arrays, meta)
             del buffers[buffer.number]
             if dist.is_main:  # a partial index, valid for the shards complete so far

@@ -119,6 +119,7 @@ def train_loop(
     dist: DistInfo = DistInfo(),
     collate: Callable | None = None,
     description: str = "train",
+    batches: Any = None,  # EpochBatches or data/buckets.py's BucketBatches; default EpochBatches over the dataset
 ) -> int:
     """Run (or resume) training until `config.max_steps`; returns the final step."""
     checkpoints = CheckpointManager(run_dir, config.keep_last)
@@ -142,7 +143,7 @@ def train_loop(
     logger = MetricsLogger(run_dir, enabled=dist.is_main, resume_step=step if latest else None,
                            tensorboard="tensorboard" in config.log_with)
     trackers = Trackers(config.log_with, run_dir, enabled=dist.is_main)
-    batches = EpochBatches(len(dataset), config.batch_size, config.seed, dist)
+    batches = batches or EpochBatches(len(dataset), config.batch_size, config.seed, dist)
     steps_per_epoch = len(batches) // config.grad_accum_steps
     if steps_per_epoch == 0:
         raise LdmError(

@@ -19,3 +19,25 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
         for name, value in parameter_state.items():
             if isinstance(value, torch.Tensor) and value.shape == parameter.shape and value.stride() != parameter.stride():
                 parameter_state[name] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`optimizer.state_dict()` with tensors shared between parameters copied apart.
+
+    bitsandbytes' 8-bit optimisers give every parameter the same quantisation maps (one tensor);
+    safetensors refuses to write a tensor twice, so later references get their own copy."""
+    state = optimizer.state_dict()
+    seen: set[tuple[int, int]] = set()
+
+    def separate(node: dict[Any, Any]) -> None:
+        for name, value in node.items():
+            if isinstance(value, dict):
+                separate(value)
+            elif isinstance(value, torch.Tensor) and value.numel():
+                key = (value.untyped_storage().data_ptr(), value.storage_offset())
+                if key in seen:
+                    node[name] = value.clone()
+                seen.add(key)
+
+    separate(state["state"])
+    return state

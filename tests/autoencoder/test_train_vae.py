@@ -13,7 +13,7 @@ from ldm_cli.autoencoder.train import train_autoencoder
 from ldm_cli.bundle import load_bundle
 from ldm_cli.cli import app
 from ldm_cli.config import load_config
-from ldm_cli.errors import RunDirError
+from ldm_cli.errors import ConfigError, RunDirError
 from ldm_cli.training.loop import TrainingInterrupted
 from tests.conftest import TINY_VAE_OVERRIDES
 
@@ -109,6 +109,38 @@ def test_posterior_logvar_init_sets_the_starting_noise():
     assert torch.all(model.quant_conv.bias[4:] == -6.0)
     posterior = model.encode(torch.zeros(1, 3, 16, 16))
     assert posterior.logvar.mean() < -4  # the weights add little at init
+
+
+def test_init_from_with_decoder_only_keeps_the_encoder_and_its_latent_space(shapes_dir, tmp_path):
+    config, overrides = tiny_config(shapes_dir, 2)
+    base = train_autoencoder(config, tmp_path / "base", overrides)
+    # the default autoencoder preset is kl_f8: the architecture follows the base instead
+    extra = ["data.resolution=16", "train=vae_tiny", "train.batch_size=4", "train.precision=fp32", "train.lr=1e-3",
+             "loss=vae_tiny", "loss.perceptual_weight=0", "loss.disc.base_channels=8", "loss.decoder_only=true",
+             "train.max_steps=2", "train.checkpoint_every=2", "train.eval_batches=1"]
+    config = load_config("train_vae", [f"data.path={shapes_dir}", *extra])
+    tuned = train_autoencoder(config, tmp_path / "tuned", extra, init_from=tmp_path / "base")
+    before, after = load_bundle(base).tensors("autoencoder"), load_bundle(tuned).tensors("autoencoder")
+    frozen = [key for key in before if key.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(before[key], after[key]) for key in frozen)
+    assert any(not torch.equal(before[key], after[key]) for key in before if key.startswith("decoder."))
+    assert load_bundle(tuned).meta["latent_scale"] == load_bundle(base).meta["latent_scale"]
+
+
+def test_init_from_starts_at_the_base_weights(shapes_dir, tmp_path):
+    config, overrides = tiny_config(shapes_dir, 2)
+    base = train_autoencoder(config, tmp_path / "base", overrides)
+    extra = [*overrides[1:], "train.lr=1e-6", "train.max_steps=1"]  # one tiny step: the weights barely move
+    config = load_config("train_vae", [f"data.path={shapes_dir}", *extra])
+    tuned = train_autoencoder(config, tmp_path / "tuned", extra, init_from=base)
+    before, after = load_bundle(base).tensors("autoencoder"), load_bundle(tuned).tensors("autoencoder")
+    assert max(float((before[key] - after[key]).abs().max()) for key in before) < 1e-4
+
+
+def test_decoder_only_needs_a_model_to_start_from(shapes_dir, tmp_path):
+    config, overrides = tiny_config(shapes_dir, 2, ["loss.decoder_only=true"])
+    with pytest.raises(ConfigError, match="pass --init-from MODEL"):
+        train_autoencoder(config, tmp_path / "run", overrides)
 
 
 def _one_batch(shapes_dir, count=4):

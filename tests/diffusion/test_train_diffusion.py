@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import csv
 import os
 import re
 import socket
@@ -91,6 +93,38 @@ def test_n_steps_resume_n_steps_equals_2n(latents, tmp_path):
     straight, resumed = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "resumed")
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
+
+
+def logged_lrs(run_dir: Path) -> list[float]:
+    rows = csv.DictReader((run_dir / "metrics.csv").open())
+    return [float(row["value"]) for row in rows if row["name"] == "train/lr"]
+
+
+OPTIMIZER_CASES = [
+    ("adamw", "cosine"),
+    ("adafactor", "cosine_with_restarts"),
+    pytest.param("adamw8bit", "linear", marks=pytest.mark.skipif(
+        importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")),
+]
+
+
+@pytest.mark.parametrize("optimizer,schedule", OPTIMIZER_CASES)
+def test_every_optimizer_and_schedule_resume_exactly(latents, tmp_path, optimizer, schedule):
+    extra = [f"train.optimizer={optimizer}", f"train.lr_schedule={schedule}", "train.lr_schedule_steps=4", "train.lr_cycles=2"]
+    run(latents, tmp_path / "straight", 4, extra)
+    run(latents, tmp_path / "resumed", 2, extra)
+    run(latents, tmp_path / "resumed", 4, resume=True)
+    straight, resumed = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "resumed")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
+    lrs, straight_lrs = logged_lrs(tmp_path / "resumed"), logged_lrs(tmp_path / "straight")
+    assert len(lrs) == 4 and lrs == straight_lrs
+    assert lrs == straight_lrs
+
+
+def test_tag_augmentation_refuses_cached_text(latents, tmp_path):
+    with pytest.raises(IncompatibleError, match="holds cached text embeddings .* re-encode without --cache-text"):
+        run(latents, tmp_path / "run", 2, ["objective.shuffle_tags=true"])
 
 
 def test_text_cache_equals_live_encoding_with_caption_dropout(latents):

@@ -309,6 +309,47 @@ def test_damaged_latent_files_are_one_line_also_inside_a_dataloader_worker(vae, 
     assert "delete it and re-run `ldm encode`" in one_line(caught.value)
 
 
+def test_buckets_write_shards_per_shape_and_keep_every_photo_undistorted(vae, photos_dir, tmp_path):
+    from tests.photos import BUCKET_OVERRIDES, PHOTO_SIZES
+
+    from ldm_cli.config import load_config
+    from ldm_cli.data.buckets import cover_crop
+    from ldm_cli.data.images import load_image_rgb, pil_to_tensor
+
+    config = load_config("encode", [f"data.path={photos_dir}", "data.buckets=true", *BUCKET_OVERRIDES,
+                                    "text_encoder=tiny", "batch_size=3", "shard_size=2", "precision=fp32"])
+    index = encode_dataset(vae, config, tmp_path / "latents", device_name="cpu")
+    assert index["bucket_counts"] == [{"size": [24, 40], "count": 5}, {"size": [32, 32], "count": 3}, {"size": [40, 24], "count": 4}]
+    assert index["latent_shape"] == [4, 20, 12]  # the most common bucket
+    data = LatentDataset(tmp_path / "latents")
+    groups = data.buckets()
+    assert set(groups) == {(4, 20, 12), (4, 16, 16), (4, 12, 20)} and sorted(sum(groups.values(), [])) == list(range(12))
+    for shape, items in groups.items():
+        for item in items:
+            assert tuple(data[item]["mean"].shape) == shape
+    # an item's moments are the autoencoder's encoding of its cover-cropped photo
+    item = groups[(4, 12, 20)][0]
+    shard = next(s for s in index["shards"] if s["latent_shape"] == [4, 12, 20])
+    name = json.loads((tmp_path / "latents" / shard["name"] / "paths.json").read_text())[0]
+    assert PHOTO_SIZES[int(name[:2])][0] > PHOTO_SIZES[int(name[:2])][1]  # a landscape photo
+    pixels = pil_to_tensor(cover_crop(load_image_rgb(photos_dir / name), (40, 24)))[None]
+    model = load_autoencoder(vae).model
+    with torch.no_grad():
+        expected = model.encode(pixels).mean[0]
+    torch.testing.assert_close(data[item]["mean"], expected, rtol=1e-4, atol=1e-4)
+    # a re-run with other bucket settings is refused rather than mixed in
+    other = load_config("encode", [f"data.path={photos_dir}", "data.buckets=true", *BUCKET_OVERRIDES, "data.max_aspect=1.5",
+                                   "text_encoder=tiny", "shard_size=2"])
+    with pytest.raises(IncompatibleError, match="buckets"):
+        encode_dataset(vae, other, tmp_path / "latents", device_name="cpu")
+
+
+def test_square_encodes_are_one_bucket(vae, data, tmp_path):
+    encode_dataset(vae, make_config(data), tmp_path / "latents", device_name="cpu")
+    dataset = LatentDataset(tmp_path / "latents")
+    assert list(dataset.buckets()) == [(4, SIZE // 2, SIZE // 2)] and dataset.buckets()[(4, 8, 8)] == list(range(N_IMAGES))
+
+
 @pytest.mark.slow
 def test_torchrun_encode_exits_cleanly_every_time(vae, data, tmp_path):
     """Finished processes exit 0: two launches at once, twice over, one thread each (the load under

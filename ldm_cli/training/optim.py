@@ -1,0 +1,63 @@
+"""The optimiser and learning-rate schedule both trainers build from `train.optimizer` / `train.lr_schedule`.
+
+- adamw: torch's fused AdamW (one kernel over all tensors).
+- adafactor: transformers' Adafactor with a fixed learning rate (relative_step and parameter scaling
+  off): factored second moments and no first moment, the low-memory choice on any device.
+- adamw8bit: bitsandbytes' AdamW8bit (block-wise 8-bit moments), where bitsandbytes imports.
+
+Schedules come from `transformers.get_scheduler` (a `LambdaLR`, so its state resumes exactly):
+linear warm-up over `train.warmup_steps`, then constant, cosine, linear or cosine with restarts
+over `train.lr_schedule_steps` (default `train.max_steps`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from ldm_cli.errors import ConfigError
+
+OPTIMIZERS = ("adamw", "adafactor", "adamw8bit")
+LR_SCHEDULES = ("constant", "cosine", "linear", "cosine_with_restarts")
+
+
+def build_optimizer(parameters: Iterable[torch.Tensor], train: Any, betas: tuple[float, float] | None = None) -> torch.optim.Optimizer:
+    """`train.optimizer` over `parameters` at `train.lr` (a TrainConfig); `betas` default to train.adam_betas."""
+    parameters = list(parameters)
+    betas = tuple(betas or train.adam_betas)
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=train.lr, betas=betas, weight_decay=train.weight_decay, fused=True)
+    if train.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(parameters, lr=train.lr, relative_step=False, scale_parameter=False, warmup_init=False,
+                         weight_decay=train.weight_decay)
+    if train.optimizer == "adamw8bit":
+        return _adamw8bit(parameters, train, betas)
+    raise ConfigError(f"train.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {train.optimizer!r}")
+
+
+def _adamw8bit(parameters: list[torch.Tensor], train: Any, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    try:
+        import bitsandbytes
+    except Exception as error:  # not installed, or its native library does not load on this machine
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(
+            f"train.optimizer=adamw8bit needs bitsandbytes, which does not import here ({reason}); "
+            "`pip install bitsandbytes`, or use train.optimizer=adafactor for low optimiser memory"
+        ) from None
+    return bitsandbytes.optim.AdamW8bit(parameters, lr=train.lr, betas=betas, weight_decay=train.weight_decay)
+
+
+def build_lr_schedule(optimizer: torch.optim.Optimizer, train: Any) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up then `train.lr_schedule`, as a multiplier of each group's base learning rate."""
+    from transformers import get_scheduler
+
+    if train.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"train.lr_schedule: expected one of {', '.join(LR_SCHEDULES)}, got {train.lr_schedule!r}")
+    name = "constant_with_warmup" if train.lr_schedule == "constant" else train.lr_schedule
+    total = train.lr_schedule_steps or train.max_steps
+    extra = {"num_cycles": train.lr_cycles} if train.lr_schedule == "cosine_with_restarts" else None
+    return get_scheduler(name, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=total,
+                         scheduler_specific_kwargs=extra)
