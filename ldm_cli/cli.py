@@ -197,7 +197,9 @@ NUM_IMAGES = typer.Option(1, "-n", "--num-images", help="Images per prompt (img2
 BATCH_SIZE = typer.Option(1, "--batch-size", help="Images per forward pass: faster on a GPU; pixels then match batch size 1 up to rounding.")
 STEPS = typer.Option(30, "--steps", help="Sampling steps.")
 GUIDANCE = typer.Option(7.5, "--guidance-scale", help="Classifier-free guidance scale; 1 turns guidance off.")
-SAMPLER = typer.Option("dpmpp_2m", "--sampler", help="ddim | ddpm | euler | euler_ancestral | heun | dpmpp_2m | dpmpp_2m_sde")
+SAMPLER = typer.Option(
+    "dpmpp_2m", "--sampler", help="ddim | ddpm | euler | euler_ancestral | heun | lms | dpmpp_2m | dpmpp_2m_sde | dpmpp_sde | dpmpp_3m_sde | unipc",
+)
 SEED = typer.Option(0, "--seed", help="Image i of the run uses seed SEED+i; a negative seed picks one at random.")
 HEIGHT = typer.Option(None, "--height", help="Pixels; a multiple of the autoencoder's factor. Default: the model's resolution.")
 WIDTH = typer.Option(None, "--width", help="Pixels; a multiple of the autoencoder's factor. Default: the model's resolution.")

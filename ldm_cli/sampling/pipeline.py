@@ -57,7 +57,7 @@ class SamplingSettings:
     height: int = 512
     width: int = 512
     strength: float = 1.0  # img2img: the fraction of the σ schedule re-noised; 1 starts from pure noise
-    timestep_spacing: str = "trailing"  # leading | trailing | linspace
+    timestep_spacing: str = "trailing"  # leading | trailing | linspace | exponential (log σ evenly spaced)
     karras_sigmas: bool = False
 
     @property
@@ -95,8 +95,10 @@ class SamplingSettings:
             raise UsageError(f"--steps {self.steps} exceeds the model's {num_train_timesteps} training timesteps")
         if not 0.0 <= self.strength <= 1.0:
             raise UsageError(f"--strength must be between 0 and 1, got {self.strength}")
-        if self.timestep_spacing not in ("leading", "trailing", "linspace"):
-            raise ConfigError(f"timestep_spacing must be leading, trailing or linspace, got {self.timestep_spacing!r}")
+        if self.timestep_spacing not in ("leading", "trailing", "linspace", "exponential"):
+            raise ConfigError(
+                f"timestep_spacing must be leading, trailing, linspace or exponential, got {self.timestep_spacing!r}"
+            )
 
 
 def check_image_size(height: int, width: int, model: LatentDiffusion, what: str = "--height/--width") -> None:
