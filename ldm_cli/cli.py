@@ -207,6 +207,10 @@ ETA = typer.Option(None, "--eta", help="Noise of ancestral/SDE/DDIM samplers (de
 PRECISION = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16 (fp16 on CUDA only)")
 GRID = typer.Option(False, "--grid", help="Also write a contact sheet of the run's images.")
 JSON_SIDECAR = typer.Option(False, "--json", help="Also write each image's metadata as a .json beside it.")
+NO_PROMPT_WEIGHTING = typer.Option(
+    False, "--no-prompt-weighting", help="Read (word:1.2), [word] and BREAK in prompts literally."
+)
+CLIP_SKIP = typer.Option(1, "--clip-skip", help="Use the N-th CLIP hidden state from the end (A1111's CLIP skip; 1: the last).")
 SAMPLE_OUT = typer.Option(None, "--out", help="Output folder (required); existing files are never overwritten.")
 
 
@@ -236,6 +240,8 @@ def sample(
     device: str = DEVICE,
     grid: bool = GRID,
     as_json: bool = JSON_SIDECAR,
+    no_prompt_weighting: bool = NO_PROMPT_WEIGHTING,
+    clip_skip: int = CLIP_SKIP,
     out: Optional[Path] = SAMPLE_OUT,
     replay: Optional[Path] = typer.Option(None, "--replay", help="Remake an image from its PNG metadata (all other settings come from it)."),
     config_dir: Optional[Path] = CONFIG_DIR,
@@ -256,7 +262,7 @@ def sample(
             out=out, model=model, prompts=list(prompt or []), prompt_file=prompt_file, negative_prompt=negative_prompt,
             num_images=num_images, batch_size=batch_size, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
             seed=seed, height=height, width=width, eta=eta, precision=precision, device=device, grid=grid,
-            json_sidecar=as_json,
+            json_sidecar=as_json, prompt_weighting=not no_prompt_weighting, clip_skip=clip_skip,
         ), config)
     typer.echo(written.summary())
 
@@ -282,6 +288,8 @@ def img2img(
     device: str = DEVICE,
     grid: bool = GRID,
     as_json: bool = JSON_SIDECAR,
+    no_prompt_weighting: bool = NO_PROMPT_WEIGHTING,
+    clip_skip: int = CLIP_SKIP,
     out: Optional[Path] = SAMPLE_OUT,
     config_dir: Optional[Path] = CONFIG_DIR,
     show_config: bool = SHOW_CONFIG,
@@ -296,7 +304,8 @@ def img2img(
         out=out, model=model, prompts=list(prompt or []), prompt_file=prompt_file, negative_prompt=negative_prompt,
         num_images=num_images, batch_size=batch_size, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
         seed=seed, height=height, width=width, eta=eta, precision=precision, device=device, grid=grid,
-        json_sidecar=as_json, init=init, strength=strength,
+        json_sidecar=as_json, init=init, strength=strength, prompt_weighting=not no_prompt_weighting,
+        clip_skip=clip_skip,
     ), config)
     typer.echo(written.summary())
 

@@ -68,6 +68,8 @@ class SampleRequest:
     json_sidecar: bool = False
     init: Optional[Path] = None  # img2img: an image or a folder of images
     strength: float = 0.75  # img2img only
+    prompt_weighting: bool = True
+    clip_skip: int = 1
 
 
 @dataclass
@@ -122,6 +124,8 @@ def _settings(request: SampleRequest, config: SampleConfig, strength: float) -> 
         strength=strength,
         timestep_spacing=config.timestep_spacing,
         karras_sigmas=config.karras_sigmas,
+        prompt_weighting=request.prompt_weighting,
+        clip_skip=request.clip_skip,
     )
 
 
@@ -159,6 +163,8 @@ def _base_metadata(mode: str, settings: SamplingSettings, pipeline: SamplingPipe
         "guidance_scale": settings.guidance_scale,
         "timestep_spacing": settings.timestep_spacing,
         "karras_sigmas": settings.karras_sigmas,
+        "prompt_weighting": settings.prompt_weighting,
+        "clip_skip": settings.clip_skip,
         "precision": pipeline.precision,
         "compiled": pipeline.compiled,  # compiled kernels round differently: a replay compiles too
         "model": str(bundle.path.resolve()),
@@ -429,6 +435,7 @@ def run_replay(
         eta=meta.get("eta"), negative_prompt=meta["negative_prompt"], height=int(meta["height"]),
         width=int(meta["width"]), strength=float(meta["strength"]) if img2img else 1.0,
         timestep_spacing=meta["timestep_spacing"], karras_sigmas=bool(meta["karras_sigmas"]),
+        prompt_weighting=bool(meta.get("prompt_weighting", False)), clip_skip=int(meta.get("clip_skip", 1)),
     )
     settings.validate()
     init_path = Path(init or meta.get("init_image") or "") if img2img else None

@@ -24,7 +24,8 @@ REQUIRED_KEYS = ("mode", "prompt", "negative_prompt", "seed", "steps", "sampler"
 # AUTOMATIC1111's display names, so model sites and viewers recognise the sampler
 A1111_SAMPLER_NAMES = {
     "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_sde": "DPM++ 2M SDE", "ddim": "DDIM", "ddpm": "DDPM",
+    "dpmpp_2m_sde": "DPM++ 2M SDE", "ddim": "DDIM", "ddpm": "DDPM", "dpmpp_sde": "DPM++ SDE",
+    "dpmpp_3m_sde": "DPM++ 3M SDE", "lms": "LMS", "unipc": "UniPC",
 }
 
 
@@ -41,6 +42,7 @@ def parameters_line(meta: dict[str, Any]) -> str:
         ("Model", Path(meta["model"]).name if meta.get("model") else None),
         ("Denoising strength", meta.get("strength") if meta["mode"] == "img2img" else None),
         ("Eta", meta.get("eta")),
+        ("Clip skip", meta["clip_skip"] if meta.get("clip_skip", 1) != 1 else None),
         ("Version", f"ldm {meta['ldm_version']}" if meta.get("ldm_version") else None),
     ]
     settings = ", ".join(f"{name}: {value}" for name, value in fields if value is not None)

@@ -59,6 +59,8 @@ class SamplingSettings:
     strength: float = 1.0  # img2img: the fraction of the σ schedule re-noised; 1 starts from pure noise
     timestep_spacing: str = "trailing"  # leading | trailing | linspace | exponential (log σ evenly spaced)
     karras_sigmas: bool = False
+    prompt_weighting: bool = True  # A1111's (word:1.2) syntax and BREAK; False reads prompts literally
+    clip_skip: int = 1  # use the N-th CLIP hidden state from the end (1: the last)
 
     @property
     def spacing(self) -> str:
@@ -95,6 +97,8 @@ class SamplingSettings:
             raise UsageError(f"--steps {self.steps} exceeds the model's {num_train_timesteps} training timesteps")
         if not 0.0 <= self.strength <= 1.0:
             raise UsageError(f"--strength must be between 0 and 1, got {self.strength}")
+        if self.clip_skip < 1:
+            raise UsageError(f"--clip-skip must be a positive integer, got {self.clip_skip}")
         if self.timestep_spacing not in ("leading", "trailing", "linspace", "exponential"):
             raise ConfigError(
                 f"timestep_spacing must be leading, trailing, linspace or exponential, got {self.timestep_spacing!r}"
@@ -136,12 +140,18 @@ class ImageJob:
     init: Optional[InitLatent] = None
 
 
-def plan_batches(jobs: Sequence[ImageJob], batch_size: int) -> list[list[ImageJob]]:
-    """Consecutive jobs with the same init (hence size), at most `batch_size` each."""
+def plan_batches(
+    jobs: Sequence[ImageJob], batch_size: int, group: Optional[Callable[[ImageJob], object]] = None
+) -> list[list[ImageJob]]:
+    """Consecutive jobs with the same init (hence size) and `group` value, at most `batch_size` each."""
     size = max(1, batch_size)
     batches: list[list[ImageJob]] = []
+
+    def key(job: ImageJob) -> object:
+        return (_init_key(job), group(job) if group is not None else None)
+
     for job in jobs:
-        if batches and len(batches[-1]) < size and _init_key(batches[-1][0]) == _init_key(job):
+        if batches and len(batches[-1]) < size and key(batches[-1][0]) == key(job):
             batches[-1].append(job)
         else:
             batches.append([job])
@@ -212,7 +222,7 @@ class SamplingPipeline:
         if prepack:
             prepack_for_cpu(model.unet)
         self.denoiser = Denoiser(self._unet, model.schedule)
-        self._embeddings: dict[str, torch.Tensor] = {}
+        self._embeddings: dict[tuple[str, bool, int], torch.Tensor] = {}
 
     @property
     def latent_channels(self) -> int:
@@ -260,12 +270,24 @@ class SamplingPipeline:
 
     # 1. encode prompts --------------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings [len(prompts), L, D] (float32), computed once per distinct prompt."""
-        for prompt in dict.fromkeys(prompts):
-            if prompt not in self._embeddings:
-                self._embeddings[prompt] = self.model.text_encoder.encode([prompt])[0].float()
-        return torch.stack([self._embeddings[prompt] for prompt in prompts])
+    def encode_prompt(self, prompt: str, weighting: bool = True, clip_skip: int = 1) -> torch.Tensor:
+        """One prompt's embedding [chunks · L, D] (float32; see `TextEncoder.encode_prompt`), computed once."""
+        key = (prompt, weighting, clip_skip)
+        if key not in self._embeddings:
+            self._embeddings[key] = self.model.text_encoder.encode_prompt(prompt, weighting, clip_skip).float()
+        return self._embeddings[key]
+
+    def encode_prompts(self, prompts: Sequence[str], weighting: bool = True, clip_skip: int = 1) -> torch.Tensor:
+        """Text embeddings [len(prompts), n · L, D] (float32): prompts of fewer chunks than the longest are
+        padded with chunks of the empty prompt (as A1111 pads a short negative prompt)."""
+        embeddings = [self.encode_prompt(prompt, weighting, clip_skip) for prompt in prompts]
+        longest = max(len(embedding) for embedding in embeddings)
+        empty = self.encode_prompt("", weighting, clip_skip)
+        padded = []
+        for embedding in embeddings:
+            missing = (longest - len(embedding)) // len(empty)
+            padded.append(torch.cat([embedding, *[empty] * missing]) if missing else embedding)
+        return torch.stack(padded)
 
     # 2. prepare latents --------------------------------------------------------------------------
 
@@ -347,8 +369,10 @@ class SamplingPipeline:
         self, jobs: Sequence[ImageJob], settings: SamplingSettings, callback: Optional[Callable[[int, int], None]] = None
     ) -> torch.Tensor:
         """Make one batch (same size, same init): images [B, 3, H, W] float32 in [-1, 1] on the CPU."""
-        context = self.encode_prompts([job.prompt for job in jobs]).to(self.device)
-        uncond = self.encode_prompts([settings.negative_prompt]).to(self.device)
+        texts = self.encode_prompts(
+            [*(job.prompt for job in jobs), settings.negative_prompt], settings.prompt_weighting, settings.clip_skip
+        ).to(self.device)
+        context, uncond = texts[:-1], texts[-1:]
         sigmas = self.sigmas(settings)
         x, generators = self.prepare_latents(jobs, settings, sigmas)
         walk = sigmas[settings.start_index():]
@@ -360,7 +384,10 @@ class SamplingPipeline:
         self, jobs: Sequence[ImageJob], settings: SamplingSettings, batch_size: int = 1, progress: bool = True
     ) -> Iterator[tuple[list[ImageJob], torch.Tensor]]:
         """Run `jobs` in batches (see `plan_batches`), yielding (batch jobs, images) as each finishes."""
-        batches = plan_batches(jobs, batch_size)
+        # images with prompts of other chunk counts are not batched together: padding would change them
+        batches = plan_batches(
+            jobs, batch_size, lambda job: len(self.encode_prompt(job.prompt, settings.prompt_weighting, settings.clip_skip))
+        )
         steps_per_run = len(self.sigmas(settings)) - 1 - settings.start_index()
         bar = tqdm(total=len(batches) * steps_per_run, unit="step", desc="sampling", disable=None if progress else True)
         done = 0
