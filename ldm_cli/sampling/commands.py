@@ -142,10 +142,15 @@ def _check_out(out: Path) -> None:
         raise UsageError(f"--out {out} is a file; give a folder")
 
 
-def _load_model(path: Optional[Path], device: torch.device) -> LatentDiffusion:
+def _load_model(path: Optional[Path], device: torch.device, inpainting_ok: bool = False) -> LatentDiffusion:
     if path is None:
         raise UsageError("--model is required (a latent-diffusion run directory or bundle)")
-    return load_latent_diffusion(path, device=device)
+    model = load_latent_diffusion(path, device=device)
+    if model.is_inpainting and not inpainting_ok:
+        raise UsageError(
+            f"{path} is an inpainting model (its U-Net reads a mask and a masked image); use `ldm inpaint --init IMAGE --mask MASK`"
+        )
+    return model
 
 
 def _pipeline(model: LatentDiffusion, device: torch.device, precision: str, config: SampleConfig) -> SamplingPipeline:
@@ -416,6 +421,40 @@ def _init_metadata(init: InitImage, settings: SamplingSettings) -> dict[str, Any
     }
 
 
+def settings_from_metadata(meta: dict[str, Any]) -> SamplingSettings:
+    """The sampling settings an image's metadata records, validated."""
+    img2img = meta["mode"] in ("img2img", "inpaint")
+    settings = SamplingSettings(
+        steps=int(meta["steps"]), guidance_scale=float(meta["guidance_scale"]), sampler=meta["sampler"],
+        eta=meta.get("eta"), negative_prompt=meta["negative_prompt"], height=int(meta["height"]),
+        width=int(meta["width"]), strength=float(meta["strength"]) if img2img else 1.0,
+        timestep_spacing=meta["timestep_spacing"], karras_sigmas=bool(meta["karras_sigmas"]),
+        prompt_weighting=bool(meta.get("prompt_weighting", False)), clip_skip=int(meta.get("clip_skip", 1)),
+    )
+    settings.validate()
+    return settings
+
+
+def check_replay_model(loaded: LatentDiffusion, model: Path, meta: dict[str, Any], image: Path, device: torch.device) -> None:
+    """Step limits and sizes (errors), and notes when model, device or version differ from the image's."""
+    settings = settings_from_metadata(meta)
+    settings.validate(loaded.schedule.num_train_timesteps)
+    check_image_size(settings.height, settings.width, loaded)
+    if loaded.bundle.content_hash != meta.get("model_hash"):
+        print(f"note: {model} is not the model {Path(image).name} was made with (content hash differs); pixels will differ")
+    if meta.get("device") not in (None, device.type):
+        print(f"note: {Path(image).name} was made on {meta['device']}, this replay runs on {device.type}; pixels may differ slightly")
+    if meta.get("ldm_version") not in (None, __version__):
+        # another version may run other kernels (layouts, fused ops), which round differently
+        print(f"note: {Path(image).name} was made with ldm {meta['ldm_version']}, this is ldm {__version__}; pixels may differ slightly")
+
+
+def replay_identity(loaded: LatentDiffusion, device: torch.device) -> dict[str, Any]:
+    """What a replayed image records about where it was remade."""
+    return {"model": str(loaded.bundle.path.resolve()), "model_hash": loaded.bundle.content_hash,
+            "ldm_version": __version__, "device": device.type}
+
+
 def run_replay(
     image: Path, out: Path, config: SampleConfig, model: Optional[Path] = None, device_name: str = "auto",
     init: Optional[Path] = None, json_sidecar: bool = False,
@@ -427,32 +466,22 @@ def run_replay(
         if not model.exists():
             raise UsageError(f"the model recorded in {image} ({model}) is not here; pass --model")
     _check_out(out)
+    if meta["mode"] == "inpaint":
+        from ldm_cli.sampling.inpaint import replay_inpaint
+
+        request = SampleRequest(out=out, model=model, device=device_name, json_sidecar=json_sidecar)
+        return replay_inpaint(meta, image, request, config, init, None)
     device = resolve_device(device_name)
     precision = resolve_precision(meta["precision"], device)
     img2img = meta["mode"] == "img2img"
-    settings = SamplingSettings(
-        steps=int(meta["steps"]), guidance_scale=float(meta["guidance_scale"]), sampler=meta["sampler"],
-        eta=meta.get("eta"), negative_prompt=meta["negative_prompt"], height=int(meta["height"]),
-        width=int(meta["width"]), strength=float(meta["strength"]) if img2img else 1.0,
-        timestep_spacing=meta["timestep_spacing"], karras_sigmas=bool(meta["karras_sigmas"]),
-        prompt_weighting=bool(meta.get("prompt_weighting", False)), clip_skip=int(meta.get("clip_skip", 1)),
-    )
-    settings.validate()
+    settings = settings_from_metadata(meta)
     init_path = Path(init or meta.get("init_image") or "") if img2img else None
     if init_path is not None and not init_path.is_file():
         raise DataError(f"the init image of {image} is no longer at {init_path}; put it back there to replay")
     if init_path is not None and file_sha256(init_path) != meta["init_sha256"]:
         raise DataError(f"{init_path} is not the init image {image} was made from (its sha256 differs)")
     loaded = _load_model(model, device)
-    settings.validate(loaded.schedule.num_train_timesteps)
-    check_image_size(settings.height, settings.width, loaded)
-    if loaded.bundle.content_hash != meta.get("model_hash"):
-        print(f"note: {model} is not the model {Path(image).name} was made with (content hash differs); pixels will differ")
-    if meta.get("device") not in (None, device.type):
-        print(f"note: {Path(image).name} was made on {meta['device']}, this replay runs on {device.type}; pixels may differ slightly")
-    if meta.get("ldm_version") not in (None, __version__):
-        # another version may run other kernels (layouts, fused ops), which round differently
-        print(f"note: {Path(image).name} was made with ldm {meta['ldm_version']}, this is ldm {__version__}; pixels may differ slightly")
+    check_replay_model(loaded, model, meta, image, device)
 
     pipeline = _pipeline(loaded, device, precision, replace(config, compile=bool(meta.get("compiled", False))))
     latent = None
@@ -464,7 +493,6 @@ def run_replay(
     jobs = [ImageJob(prompt, int(seed), latent) for prompt, seed in zip(batch["prompts"], batch["seeds"])]
     position = [job.seed for job in jobs].index(int(meta["seed"]))
     _, images = next(iter(pipeline.generate(jobs, settings, batch_size=len(jobs))))
-    replayed = {**meta, "model": str(loaded.bundle.path.resolve()), "model_hash": loaded.bundle.content_hash,
-                "ldm_version": __version__, "device": device.type}
+    replayed = {**meta, **replay_identity(loaded, device)}
     path = OutputFolder(out).write_image(tensor_to_pil(images[position]), int(meta["seed"]), replayed, json_sidecar)
     return Written([path])

@@ -317,23 +317,31 @@ class SamplingPipeline:
     # 3. denoise ----------------------------------------------------------------------------------
 
     def guided_denoiser(
-        self, context: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, sigmas: Optional[torch.Tensor] = None
+        self, context: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, sigmas: Optional[torch.Tensor] = None,
+        extra_channels: Optional[torch.Tensor] = None,
     ) -> Callable[[torch.Tensor, float], torch.Tensor]:
         """D(x; σ) with classifier-free guidance (Ho & Salimans 2022): D_u + w (D_c − D_u).
 
         Guiding the x_0 estimate equals guiding ε (or v): D is affine in the network output with the
         same coefficients in both branches. `sigmas`: the run's σ's, whose time projections are then
-        computed up front (any other σ still works).
+        computed up front (any other σ still works). `extra_channels` [B, c, h, w]: appended to the U-Net's
+        input after c_in scaling (an inpainting U-Net's mask and masked-image latent).
         """
         times = self._project_time(sigmas) if sigmas is not None else {}
+        denoiser = self.denoiser
+        if extra_channels is not None:
+            denoiser = Denoiser(
+                lambda x, t, **cond: self._unet(torch.cat([x, extra_channels.to(x.dtype)], dim=1), t, **cond),
+                self.model.schedule,
+            )
         if guidance_scale == 1.0:
             text = self._project_text(context)
-            return lambda x, sigma: self.denoiser(x, sigma, text=text, time=times.get(sigma))
+            return lambda x, sigma: denoiser(x, sigma, text=text, time=times.get(sigma))
         both_text = self._project_text(torch.cat([uncond.expand_as(context), context]))
 
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
             # x once, both texts: the U-Net runs its layers before the first cross-attention once for both
-            uncond_x0, cond_x0 = self.denoiser(x, sigma, text=both_text, time=times.get(sigma)).chunk(2)
+            uncond_x0, cond_x0 = denoiser(x, sigma, text=both_text, time=times.get(sigma)).chunk(2)
             return uncond_x0 + guidance_scale * (cond_x0 - uncond_x0)
 
         return denoise
