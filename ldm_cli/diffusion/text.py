@@ -140,7 +140,11 @@ class TextEncoder(nn.Module):
         if not torch.all(weights == 1):  # A1111: scale, then restore each chunk's mean
             mean = hidden.mean(dim=(1, 2), keepdim=True)
             hidden = hidden * weights[..., None]
-            hidden = hidden * (mean / hidden.mean(dim=(1, 2), keepdim=True))
+            new_mean = hidden.mean(dim=(1, 2), keepdim=True)
+            # a mean near 0 (a final layer norm without bias) makes the ratio noise: such a chunk stays as scaled
+            size = 1e-3 * hidden.abs().mean(dim=(1, 2), keepdim=True)
+            meaningful = (mean.abs() > size) & (new_mean.abs() > size)
+            hidden = torch.where(meaningful, hidden * (mean / new_mean), hidden)
         return hidden.reshape(-1, hidden.shape[-1])
 
     def _tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

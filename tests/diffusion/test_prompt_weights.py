@@ -76,7 +76,17 @@ def test_a_long_prompt_is_encoded_in_chunks_not_truncated(tiny):
     torch.testing.assert_close(embedding, expected, rtol=0, atol=0)
 
 
-def test_weights_scale_tokens_and_keep_the_chunk_mean(tiny):
+@pytest.fixture(scope="module")
+def biased():
+    """The tiny CLIP with a final layer-norm bias: chunks then have a clear mean (as real CLIP's do)."""
+    encoder = load_text_encoder(TextEncoderConfig(tiny=True, max_length=16))
+    with torch.no_grad():
+        encoder.model.final_layer_norm.bias.fill_(0.5)
+    return encoder
+
+
+def test_weights_scale_tokens_and_keep_the_chunk_mean(biased):
+    tiny = biased
     ids_cat = tiny.tokenizer("cat", add_special_tokens=False)["input_ids"]
     ids_rest = tiny.tokenizer(" a mat", add_special_tokens=False)["input_ids"]
     bos, eos, pad = tiny.tokenizer.bos_token_id, tiny.tokenizer.eos_token_id, tiny.tokenizer.pad_token_id
@@ -93,6 +103,16 @@ def test_weights_scale_tokens_and_keep_the_chunk_mean(tiny):
     # literally: the brackets are text
     literal = tiny.encode_prompt("(cat:1.5) a mat", weighting=False)
     assert torch.equal(literal, tiny.encode(["(cat:1.5) a mat"])[0])
+
+
+def test_a_chunk_with_a_mean_near_zero_is_scaled_without_renormalising(tiny):
+    # the unbiased tiny CLIP's final layer norm makes every chunk's mean ~0: the weights alone apply
+    ids = tiny.tokenizer("cat", add_special_tokens=False)["input_ids"]
+    plain = tiny.encode(["cat"])[0]
+    weighted = tiny.encode_prompt("(cat:2)")
+    assert weighted.isfinite().all()
+    torch.testing.assert_close(weighted[1 : 1 + len(ids)], 2 * plain[1 : 1 + len(ids)])
+    torch.testing.assert_close(weighted[1 + len(ids) :], plain[1 + len(ids) :])
 
 
 def test_break_starts_a_new_chunk(tiny):
