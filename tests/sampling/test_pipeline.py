@@ -200,13 +200,13 @@ def test_guidance_extrapolates_from_the_negative_prompt(pipe):
 
 def test_each_distinct_prompt_is_encoded_once(model, monkeypatch):
     pipe = SamplingPipeline(model, "cpu", "fp32")
-    encoded: list[list[str]] = []
-    encode = model.text_encoder.encode
-    monkeypatch.setattr(model.text_encoder, "encode", lambda prompts: encoded.append(list(prompts)) or encode(prompts))
+    encoded: list[str] = []
+    encode = model.text_encoder.encode_prompt
+    monkeypatch.setattr(model.text_encoder, "encode_prompt", lambda prompt, *options: encoded.append(prompt) or encode(prompt, *options))
     jobs = [ImageJob("a", 1), ImageJob("b", 2), ImageJob("a", 3)]
     for _ in pipe.generate(jobs, SamplingSettings(steps=2, **SIZE), batch_size=2, progress=False):
         pass
-    assert encoded == [["a"], ["b"], [""]]  # each alone, so an embedding never depends on its batch
+    assert encoded == ["a", "b", ""]  # each alone, so an embedding never depends on its batch
 
 
 def test_img2img_strength_zero_is_the_reconstruction_and_one_ignores_the_init(pipe):
