@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from ldm_cli.diffusion.load import load_latent_diffusion
 from ldm_cli.diffusion.text import _byte_level_clip_tokenizer
 from ldm_cli.errors import DataError, UsageError
 from ldm_cli.interop.convert import import_checkpoint
-from ldm_cli.interop.export import export_single_file
+from ldm_cli.interop.export import export_diffusers, export_single_file
 from ldm_cli.sampling.inpaint import inpaint, latent_blend, load_mask
 from ldm_cli.sampling.metadata import read_metadata
 from ldm_cli.sampling.pipeline import ImageJob, InitLatent, SamplingPipeline, SamplingSettings
@@ -199,6 +200,8 @@ def test_inpainting_models_convert_from_a_single_file_and_refuse_plain_sampling(
     model = load_latent_diffusion(again.path)
     assert model.is_inpainting and model.unet.conv_in.weight.shape[1] == 9
     torch.testing.assert_close(model.unet.conv_in.weight, load_latent_diffusion(bundle.path).unet.conv_in.weight, rtol=0, atol=0)
+    exported = export_diffusers(again.path, tmp_path / "exported", log=quiet)
+    assert json.loads((exported / "model_index.json").read_text())["_class_name"] == "StableDiffusionInpaintPipeline"
     code, output = ldm("sample", "--model", again.path, "--prompt", "x", "--out", tmp_path / "out")
     assert code != 0 and "is an inpainting model" in output and "ldm inpaint" in output
 
