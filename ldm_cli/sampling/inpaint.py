@@ -11,7 +11,7 @@ inpainting) instead read the mask and the masked image's latent as extra input c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -23,7 +23,11 @@ from PIL import Image, ImageFilter
 from ldm_cli.bundle import file_sha256
 from ldm_cli.data.images import tensor_to_pil
 from ldm_cli.errors import DataError, UsageError
-from ldm_cli.sampling.pipeline import ImageJob, SamplingPipeline, SamplingSettings
+from ldm_cli.config import SampleConfig
+from ldm_cli.sampling import commands
+from ldm_cli.sampling.commands import InitImage, SampleRequest, Written
+from ldm_cli.sampling.pipeline import ImageJob, InitLatent, SamplingPipeline, SamplingSettings
+from ldm_cli.sampling.samplers import sample
 
 ALPHA = "alpha"  # --mask alpha: the init's transparent pixels are repainted
 Denoise = Callable[[torch.Tensor, float], torch.Tensor]
@@ -149,8 +153,6 @@ def inpaint(
         keep = 1 - latent_mask(mask, latent_size, dilate=True)[None].to(x0)
         x = keep * (x0 + noise * walk[0].item()) + (1 - keep) * x
         denoise = latent_blend(pipeline.guided_denoiser(context, uncond, settings.guidance_scale, walk), x0, noise, keep)
-    from ldm_cli.sampling.samplers import sample
-
     x = sample(settings.sampler, denoise, x, walk, generator=generators, callback=callback, **settings.sampler_options())
     return pipeline.decode(x)
 
@@ -171,7 +173,7 @@ class InpaintOptions:
     keep_unmasked: bool = True
 
 
-def inpaint_metadata(init: Any, mask: Mask, options: InpaintOptions, settings: SamplingSettings) -> dict[str, Any]:
+def inpaint_metadata(init: InitImage, mask: Mask, options: InpaintOptions, settings: SamplingSettings) -> dict[str, Any]:
     return {
         "strength": settings.strength,
         "init_image": str(init.path),
@@ -198,10 +200,8 @@ def make_images(
     return images
 
 
-def run_inpaint(request: Any, options: InpaintOptions, config: Any) -> Any:
-    """`ldm inpaint`: an init image, a mask and prompts → images (`request`: a commands.SampleRequest)."""
-    from ldm_cli.sampling import commands
-
+def run_inpaint(request: SampleRequest, options: InpaintOptions, config: SampleConfig) -> Written:
+    """`ldm inpaint`: an init image, a mask and prompts → images, one at a time."""
     prompts = commands.read_prompts(request.prompts, request.prompt_file)
     commands._check_counts(request)
     if request.init is None:
@@ -226,14 +226,8 @@ def run_inpaint(request: Any, options: InpaintOptions, config: Any) -> Any:
 
     pipeline = commands._pipeline(model, device, precision, config)
     base = {**commands._base_metadata("inpaint", settings, pipeline), **inpaint_metadata(init, mask, options, settings)}
-    return _write(pipeline, settings, init, mask, options, prompts, seed, request, base)
-
-
-def _write(pipeline, settings, init, mask, options, prompts, seed, request, base) -> Any:
-    from ldm_cli.sampling import commands
-
     pixels = init.pixels()
-    latent = commands.InitLatent(pipeline.encode_image(pixels), key=init.sha256)
+    latent = InitLatent(pipeline.encode_image(pixels), key=init.sha256)
     jobs = [ImageJob(prompt, seed + i, latent) for i, prompt in enumerate(p for p in prompts for _ in range(request.num_images))]
     folder, written, kept = commands.OutputFolder(request.out), [], []
     for job, image in zip(jobs, make_images(pipeline, jobs, settings, pixels, mask, options)):
@@ -243,13 +237,14 @@ def _write(pipeline, settings, init, mask, options, prompts, seed, request, base
     grid = None
     if request.grid and kept:
         grid = folder.write_grid(kept, commands._grid_columns(len(kept), request.num_images), written[0], written[-1])
-    return commands.Written(written, grid)
+    return Written(written, grid)
 
 
-def replay_inpaint(meta: dict[str, Any], image: Path, request: Any, config: Any, init: Optional[Path], mask: Optional[str]) -> Any:
+def replay_inpaint(
+    meta: dict[str, Any], image: Path, request: SampleRequest, config: SampleConfig, init: Optional[Path] = None,
+    mask: Optional[str] = None,
+) -> Written:
     """`--replay` of an inpainted image: needs the same init and mask files (by hash), says which differs."""
-    from ldm_cli.sampling import commands
-
     for key in ("init_sha256", "mask_sha256", "mask", "strength"):
         if key not in meta:
             raise DataError(f"the inpaint metadata of {image} lacks {key}; it cannot be replayed")
@@ -272,11 +267,11 @@ def replay_inpaint(meta: dict[str, Any], image: Path, request: Any, config: Any,
     if loaded_mask.sha256 != meta["mask_sha256"]:
         raise DataError(f"{mask_source} is not the mask {image} was made with (its sha256 differs)")
     options = InpaintOptions(mask_source, float(meta.get("mask_blur", 0.0)), bool(meta.get("keep_unmasked", True)))
-    pipeline = commands._pipeline(model, device, precision, commands.replace(config, compile=bool(meta.get("compiled", False))))
+    pipeline = commands._pipeline(model, device, precision, replace(config, compile=bool(meta.get("compiled", False))))
     pixels = plan.pixels()
-    latent = commands.InitLatent(pipeline.encode_image(pixels), key=plan.sha256)
+    latent = InitLatent(pipeline.encode_image(pixels), key=plan.sha256)
     job = ImageJob(meta["prompt"], int(meta["seed"]), latent)
     [result] = make_images(pipeline, [job], settings, pixels, loaded_mask, options)
     replayed = {**meta, **commands.replay_identity(model, device)}
     path = commands.OutputFolder(request.out).write_image(tensor_to_pil(result), job.seed, replayed, request.json_sidecar)
-    return commands.Written([path])
+    return Written([path])

@@ -1,7 +1,9 @@
 """Text → image and image → image with a latent-diffusion bundle, in numbered steps (as diffusers):
 
 1. encode prompts   once per distinct prompt, each alone (so an embedding never depends on its
-                    batch-mates); the negative prompt ("" by default) is the unconditional branch
+                    batch-mates), with A1111's weights and 75-token chunks (`TextEncoder.encode_prompt`);
+                    the negative prompt ("" by default) is the unconditional branch, and the shorter
+                    side is padded with empty-prompt chunks; a batch only holds prompts of one length
 2. prepare latents  image i draws its noise from its own CPU generator seeded with its seed, in
                     float32, then moves it to the device: an image does not depend on the batch it
                     was made in, nor on the device's random number generator. txt2img starts at
