@@ -31,6 +31,19 @@ SHOW_CONFIG = typer.Option(False, "--show-config", help="Print the fully compose
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda")
 
 
+def _go_offline(value: bool) -> bool:
+    if value:
+        from ldm_cli.weights import set_offline
+
+        set_offline()
+    return value
+
+
+OFFLINE = typer.Option(
+    False, "--offline", callback=_go_offline, help="Never touch the network: missing weights are an error (also LDM_OFFLINE=1)."
+)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"ldm {__version__}")
@@ -50,9 +63,26 @@ def _config(name: str, overrides: Optional[list[str]], config_dir: Optional[Path
 
     config = load_config(name, fixed + list(overrides or []), config_dir)
     if show:
-        typer.echo(to_yaml(config))
+        from ldm_cli.weights import config_sources, describe_sources
+
+        typer.echo(to_yaml(config) + "".join(f"# weights: {line}\n" for line in describe_sources(config_sources(config))))
         raise typer.Exit()
     return config
+
+
+def _is_main() -> bool:
+    from ldm_cli.training.distributed import env_info
+
+    return env_info().is_main
+
+
+def _announce(sources: list) -> None:
+    """The start-up line: which weight files this run reads and where from (stderr, rank 0)."""
+    from ldm_cli.weights import describe_sources
+
+    if _is_main():
+        for line in describe_sources(sources):
+            typer.echo(f"weights: {line}", err=True)
 
 
 @app.command("train-vae")
@@ -61,6 +91,7 @@ def train_vae(
     out: Path = typer.Option(Path("runs/vae"), "--out", help="Run directory (re-running into it resumes)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out with its saved config."),
     device: str = DEVICE,
+    offline: bool = OFFLINE,
     config_dir: Optional[Path] = CONFIG_DIR,
     show_config: bool = SHOW_CONFIG,
     overrides: Optional[list[str]] = OVERRIDES,
@@ -68,9 +99,12 @@ def train_vae(
     """Train the KL autoencoder (L1 + LPIPS + PatchGAN + KL) on an image folder."""
     config = _config("train_vae", overrides, config_dir, [f"data.path={data}"] if data else [], show_config)
     from ldm_cli.autoencoder.train import train_autoencoder
+    from ldm_cli.weights import config_sources
 
+    _announce(config_sources(config))
     bundle = train_autoencoder(config, out, list(overrides or []), resume=resume, device_name=device)
-    typer.echo(f"autoencoder bundle: {bundle}")
+    if _is_main():
+        typer.echo(f"autoencoder bundle: {bundle}")
 
 
 @app.command("eval-vae")
@@ -82,11 +116,15 @@ def eval_vae(
     grid: Optional[Path] = typer.Option(None, "--grid", help="Where to write the comparison grid PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     device: str = DEVICE,
+    offline: bool = OFFLINE,
 ) -> None:
-    """Report PSNR, SSIM (and LPIPS when its weights are present) of an autoencoder on a folder."""
+    """Report PSNR, SSIM and LPIPS (its weights fetched when missing, unless offline) of an autoencoder on a folder."""
     import json
 
     from ldm_cli.autoencoder.evaluate import evaluate_folder
+    from ldm_cli.autoencoder.lpips import lpips_sources
+
+    _announce(lpips_sources())
 
     metrics = evaluate_folder(vae, data, resolution=resolution, limit=limit, grid_path=grid, device_name=device)
     typer.echo(json.dumps(metrics, indent=2) if as_json else "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in metrics.items()))
@@ -96,6 +134,7 @@ def eval_vae(
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Where every stage's run directory goes."),
     device: str = DEVICE,
+    offline: bool = OFFLINE,
 ) -> None:
     """Run the whole pipeline on the built-in shapes data (CPU-sized): data → VAE → latents → U-Net → samples."""
     from ldm_cli.quickstart import print_summary, run_quickstart
@@ -107,18 +146,20 @@ def quickstart(
 def eval_samples(
     real: Path = typer.Option(..., "--real", help="Folder of real images."),
     fake: Path = typer.Option(..., "--fake", help="Folder of generated images."),
-    inception: Optional[Path] = typer.Option(None, "--inception", help="Inception weights (torchvision or pytorch-fid file)."),
+    inception: Optional[Path] = typer.Option(None, "--inception", help="Inception weights (torchvision or pytorch-fid file); default: pytorch-fid's, fetched into the torch hub cache."),
     batch_size: int = typer.Option(32, "--batch-size"),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     device: str = DEVICE,
+    offline: bool = OFFLINE,
 ) -> None:
     """FID and KID between two image folders (Inception features)."""
     import json
 
     from ldm_cli.eval.fid import compute_fid_kid
-    from ldm_cli.eval.inception import load_inception
+    from ldm_cli.eval.inception import inception_source, load_inception
     from ldm_cli.training.precision import resolve_device
 
+    _announce([("Inception-v3", inception_source(inception))])
     target = resolve_device(device)
     network = load_inception(str(inception) if inception else None).to(target)
     metrics = compute_fid_kid(real, fake, network, batch_size=batch_size, device=target)
@@ -157,6 +198,7 @@ def encode(
     cache_text: bool = typer.Option(False, "--cache-text", help="Also store the text encoder's outputs."),
     flip: bool = typer.Option(False, "--flip", help="Also store a horizontally flipped copy of each image."),
     device: str = DEVICE,
+    offline: bool = OFFLINE,
     config_dir: Optional[Path] = CONFIG_DIR,
     show_config: bool = SHOW_CONFIG,
     overrides: Optional[list[str]] = OVERRIDES,
@@ -165,9 +207,12 @@ def encode(
     fixed = [f"data.path={data}"] + (["flip=true"] if flip else [])
     config = _config("encode", overrides, config_dir, fixed, show_config)
     from ldm_cli.latents.encode import encode_dataset
+    from ldm_cli.weights import config_sources
 
+    _announce(config_sources(config, text_encoder=cache_text))
     index = encode_dataset(vae, config, out, cache_text=cache_text, device_name=device)
-    typer.echo(f"latent dataset: {out} ({index['count']} items)")
+    if _is_main():
+        typer.echo(f"latent dataset: {out} ({index['count']} items)")
 
 
 @app.command("train-diffusion")
@@ -177,6 +222,7 @@ def train_diffusion(
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from a latent-diffusion bundle's U-Net (fine-tuning)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out with its saved config."),
     device: str = DEVICE,
+    offline: bool = OFFLINE,
     config_dir: Optional[Path] = CONFIG_DIR,
     show_config: bool = SHOW_CONFIG,
     overrides: Optional[list[str]] = OVERRIDES,
@@ -184,9 +230,12 @@ def train_diffusion(
     """Train a text-conditioned U-Net on cached latents."""
     config = _config("train_diffusion", overrides, config_dir, [], show_config)
     from ldm_cli.diffusion.train import train_unet
+    from ldm_cli.weights import config_sources
 
+    _announce(config_sources(config))
     bundle = train_unet(config, latents, out, list(overrides or []), resume=resume, device_name=device, init_from=init_from)
-    typer.echo(f"latent-diffusion bundle: {bundle}")
+    if _is_main():
+        typer.echo(f"latent-diffusion bundle: {bundle}")
 
 
 # options shared by `sample` and `img2img`
@@ -238,6 +287,7 @@ def sample(
     eta: Optional[float] = ETA,
     precision: str = PRECISION,
     device: str = DEVICE,
+    offline: bool = OFFLINE,
     grid: bool = GRID,
     as_json: bool = JSON_SIDECAR,
     no_prompt_weighting: bool = NO_PROMPT_WEIGHTING,
@@ -286,6 +336,7 @@ def img2img(
     eta: Optional[float] = ETA,
     precision: str = PRECISION,
     device: str = DEVICE,
+    offline: bool = OFFLINE,
     grid: bool = GRID,
     as_json: bool = JSON_SIDECAR,
     no_prompt_weighting: bool = NO_PROMPT_WEIGHTING,
@@ -364,6 +415,7 @@ def convert_command(
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA U-Net of an original SD file when it has one."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Hub id or folder: the tokenizer for a single file's CLIP weights, or the text encoder when the source has none."),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Image side the model was trained at (default: the source's, else 512)."),
+    offline: bool = OFFLINE,
 ) -> None:
     """Import Stable Diffusion checkpoints as ldm bundles, or export a bundle to diffusers / one SD file."""
     from ldm_cli.interop.convert import ImportOptions, convert_model

@@ -22,6 +22,7 @@ from ldm_cli.data.images import DataConfig
 from ldm_cli.diffusion.schedule import ScheduleConfig
 from ldm_cli.diffusion.text import TextEncoderConfig
 from ldm_cli.diffusion.unet_config import UNetConfig
+from ldm_cli.training.distributed import DEFAULT_TIMEOUT_MINUTES
 from ldm_cli.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -55,6 +56,11 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 500
     keep_last: int = 3
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb (both allowed) or none
+    # torchrun: how long a process waits in a collective (rank 0 evaluates and saves alone meanwhile)
+    dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
+    # bitwise-reproducible GPU kernels (torch.use_deterministic_algorithms): exact resume on CUDA, slower
+    deterministic: bool = False
 
 
 @dataclass
@@ -95,6 +101,7 @@ class EncodeConfig:
     shard_size: int = 1024  # images per shard file
     flip: bool = False  # also store a horizontally flipped copy of each image
     precision: str = "auto"
+    dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long a process waits in a collective
 
 
 @dataclass
@@ -219,13 +226,20 @@ def validate(config: Any) -> None:
         _check(train.lr > 0, "train.lr", "a positive number", train.lr)
         _check(train.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", "auto, fp32, bf16 or fp16", train.precision)
         _check(train.keep_last > 0, "train.keep_last", "a positive integer", train.keep_last)
+        _check(train.dist_timeout_minutes > 0, "train.dist_timeout_minutes", "a positive number", train.dist_timeout_minutes)
         _check(train.ema_decay is None or 0 < train.ema_decay < 1, "train.ema_decay", "null or a number in (0, 1)", train.ema_decay)
         _check(len(train.adam_betas) == 2, "train.adam_betas", "two numbers", train.adam_betas)
+        from ldm_cli.training.trackers import check_log_with
+
+        check_log_with(train.log_with)
         _check(not train.bf16_weights or train.precision in ("auto", "bf16"), "train.bf16_weights",
                "false unless train.precision is bf16 or auto", train.bf16_weights)
     data = getattr(config, "data", None)
     if data is not None:
         _check(data.resolution > 0, "data.resolution", "a positive integer", data.resolution)
+    timeout = getattr(config, "dist_timeout_minutes", None)  # encode's (the trainers' is under train.)
+    if timeout is not None:
+        _check(timeout > 0, "dist_timeout_minutes", "a positive number", timeout)
     objective = getattr(config, "objective", None)
     if objective is not None:
         _check(0 <= objective.caption_dropout < 1, "objective.caption_dropout", "a number in [0, 1)", objective.caption_dropout)

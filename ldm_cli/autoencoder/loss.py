@@ -11,6 +11,7 @@ Discriminator step: hinge loss. The GAN terms switch on at step `disc_start`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -39,22 +40,28 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def _grad_norm(term: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+def _grad(term: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
     # retain_graph: the caller still backpropagates the total loss through the same graph
     (grad,) = torch.autograd.grad(term, parameter, retain_graph=True, allow_unused=True)
     if grad is None:  # the term does not depend on this parameter
-        return torch.zeros((), device=parameter.device)
-    return torch.linalg.vector_norm(grad.float())
+        return torch.zeros_like(parameter, dtype=torch.float32)
+    return grad.float()
 
 
-def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+def adaptive_weight(
+    nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, average: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
     """Scale the GAN gradient to the reconstruction gradient's size at the decoder's last layer.
 
+    `average` turns one process's gradients into the global batch's (the mean over processes).
     Returns 0 where those gradients do not exist (no_grad / eval), so validation still works.
     """
     if not (torch.is_grad_enabled() and last_layer.requires_grad and nll_loss.requires_grad and g_loss.requires_grad):
         return torch.zeros((), device=nll_loss.device)
-    weight = _grad_norm(nll_loss, last_layer) / (_grad_norm(g_loss, last_layer) + 1e-4)
+    nll_grad, g_grad = _grad(nll_loss, last_layer), _grad(g_loss, last_layer)
+    if average is not None:
+        nll_grad, g_grad = average(nll_grad), average(g_grad)
+    weight = torch.linalg.vector_norm(nll_grad) / (torch.linalg.vector_norm(g_grad) + 1e-4)
     return torch.clamp(weight, 0.0, 1e4).detach()
 
 
@@ -83,6 +90,7 @@ class AutoencoderLoss(nn.Module):
         posterior: DiagonalGaussian,
         step: int,
         last_layer: torch.Tensor,
+        average: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = inputs.shape[0]
         rec_loss = (inputs - reconstructions).abs().float()
@@ -102,21 +110,23 @@ class AutoencoderLoss(nn.Module):
 
         if self.disc_active(step):  # before disc_start D is not run at all
             g_loss = -self.discriminator(reconstructions).float().mean()
-            d_weight = adaptive_weight(nll_loss, g_loss, last_layer) * self.config.disc_weight
+            d_weight = adaptive_weight(nll_loss, g_loss, last_layer, average) * self.config.disc_weight
             loss = loss + d_weight * self.config.disc_factor * g_loss
             logs |= {"g_loss": g_loss.detach(), "d_weight": d_weight.detach()}
         logs["total_loss"] = loss.detach()
         return loss, logs
 
     def discriminator_loss(
-        self, inputs: torch.Tensor, reconstructions: torch.Tensor, step: int
+        self, inputs: torch.Tensor, reconstructions: torch.Tensor, step: int, discriminator: nn.Module | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Hinge loss; `discriminator` is this loss's own, or a wrapper of it (DistributedDataParallel)."""
+        discriminator = self.discriminator if discriminator is None else discriminator
         if not self.disc_active(step):
             # a leaf zero: backward() on it is harmless, and D is not evaluated
             zero = torch.zeros((), device=inputs.device, requires_grad=True)
             return zero, {"disc_loss": zero.detach()}
-        logits_real = self.discriminator(inputs.detach()).float()
-        logits_fake = self.discriminator(reconstructions.detach()).float()
+        logits_real = discriminator(inputs.detach()).float()
+        logits_fake = discriminator(reconstructions.detach()).float()
         d_loss = self.config.disc_factor * hinge_d_loss(logits_real, logits_fake)
         logs = {
             "disc_loss": d_loss.detach(),

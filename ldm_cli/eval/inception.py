@@ -6,12 +6,15 @@
   FID numbers comparable with published ones need this file.
 - "torchvision": `inception_v3_google-0cc3c7bd.pth`, torchvision's ImageNet classifier.
 
-Weights are never downloaded: pass a path, or put the file in `torch.hub.get_dir()/checkpoints/`.
+Without a path, the file is taken from `torch.hub.get_dir()/checkpoints/` or downloaded there
+(ldm_cli/weights.py): pytorch-fid's by default, torchvision's when that layout is asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +33,7 @@ from torchvision.models.inception import (
 )
 
 from ldm_cli.errors import BundleError, MissingWeightsError
+from ldm_cli.weights import Resolved, WeightFile, fetch, locate
 
 Layout = Literal["torchvision", "pytorch-fid"]
 
@@ -48,7 +52,13 @@ WEIGHT_FILES: dict[str, tuple[str, str]] = {
     ),
 }
 NUM_CLASSES = {"pytorch-fid": 1008, "torchvision": 1000}
-WEIGHTS_OPTION = "--inception PATH"
+WEIGHTS_OPTION = "--inception"
+# pytorch-fid publishes no digest and its file name's hex part is not the file's sha256 prefix:
+# that file is checked by its layout (1008 classes, every key) when it loads
+WEIGHT_SOURCES: dict[str, WeightFile] = {
+    "pytorch-fid": WeightFile("Inception-v3 (pytorch-fid FID weights)", *WEIGHT_FILES["pytorch-fid"], WEIGHTS_OPTION, verify_prefix=False),
+    "torchvision": WeightFile("Inception-v3 (torchvision ImageNet weights)", *WEIGHT_FILES["torchvision"], WEIGHTS_OPTION),
+}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -122,6 +132,17 @@ def torchvision_inception_v3() -> Inception3:
 # --- feature extractor -----------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def float32_kernels() -> Iterator[None]:
+    """Turn TF32 off for cuDNN convolutions and cuBLAS matrix products; the settings come back after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class InceptionFeatures(nn.Module):
     """Images `[B, 3, H, W]` in [0, 1] (any size) → pool3 features `[B, 2048]` (float32)."""
 
@@ -146,8 +167,9 @@ class InceptionFeatures(nn.Module):
         return super().train(False)
 
     def forward(self, images: Tensor) -> Tensor:
-        # features are compared across runs, so they are always computed in float32
-        with torch.autocast(device_type=images.device.type, enabled=False):
+        # features are compared across runs and with pytorch-fid, so they are always computed in
+        # float32: no autocast, and no TF32 in cuDNN's convolutions or cuBLAS's products on a GPU
+        with torch.autocast(device_type=images.device.type, enabled=False), float32_kernels():
             x = images.float()
             if x.shape[-2:] != (INCEPTION_INPUT_SIZE, INCEPTION_INPUT_SIZE):
                 x = F.interpolate(x, size=(INCEPTION_INPUT_SIZE, INCEPTION_INPUT_SIZE), mode="bilinear", align_corners=False)
@@ -204,17 +226,16 @@ def detect_layout(state_dict: dict[str, Tensor]) -> Layout:
     )
 
 
-def _find_default_weights(layouts: list[str]) -> Path:
-    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
-    for layout in layouts:
-        candidate = checkpoints / WEIGHT_FILES[layout][0]
-        if candidate.is_file():
-            return candidate
-    looked_for = "; ".join(f"{checkpoints / WEIGHT_FILES[layout][0]} (from {WEIGHT_FILES[layout][1]})" for layout in layouts)
-    raise MissingWeightsError(
-        f"Inception weights not found; looked for {looked_for} — "
-        f"copy one there or pass its path with {WEIGHTS_OPTION} (never downloaded)"
-    )
+def _default_source(layout: str) -> WeightFile:
+    """The file of `layout` ("auto": a cached one of either, else the FID weights)."""
+    candidates = [WEIGHT_SOURCES[name] for name in (WEIGHT_SOURCES if layout == "auto" else [layout])]
+    cached = [spec for spec in candidates if locate(spec).origin == "cache"]
+    return (cached or candidates)[0]
+
+
+def inception_source(path: str | os.PathLike | None = None, layout: str = "auto") -> Resolved:
+    """Where the weights will come from, without fetching: a path, a cached file, or a download."""
+    return locate(WEIGHT_SOURCES["pytorch-fid"], path) if path is not None else locate(_default_source(layout))
 
 
 def load_inception(
@@ -222,19 +243,20 @@ def load_inception(
 ) -> InceptionFeatures:
     """Build the feature extractor from a weight file (`.pth` or `.safetensors`), on CPU.
 
-    path None looks in `torch.hub.get_dir()/checkpoints/` for the file(s) of `layout`;
-    "auto" takes the layout from the state_dict (and prefers the pytorch-fid file when searching).
+    path None takes the file of `layout` from `torch.hub.get_dir()/checkpoints/`, downloading it
+    when missing (unless offline); "auto" takes the layout from the state_dict and prefers the
+    pytorch-fid file.
     """
     if layout not in ("auto", *WEIGHT_FILES):
         raise ValueError(f"layout must be 'auto', 'torchvision' or 'pytorch-fid', got {layout!r}")
     if path is None:
-        weights_path = _find_default_weights(list(WEIGHT_FILES) if layout == "auto" else [layout])
+        weights_path = fetch(_default_source(layout))
     else:
         weights_path = Path(path).expanduser()
         if not weights_path.is_file():
             sources = " or ".join(url for _, url in WEIGHT_FILES.values())
             raise MissingWeightsError(
-                f"Inception weights {weights_path} do not exist; get {sources} and pass its path with {WEIGHTS_OPTION}"
+                f"Inception weights {weights_path} do not exist; get {sources} and pass its path with {WEIGHTS_OPTION} PATH"
             )
     state_dict = _read_state_dict(weights_path)
     found_layout = detect_layout(state_dict)

@@ -34,9 +34,9 @@ from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder
 from ldm_cli.config import EncodeConfig, to_dict
 from ldm_cli.data.images import DataConfig, ImageFolderDataset, resolve_data_root
 from ldm_cli.diffusion.text import TextEncoder, load_text_encoder
-from ldm_cli.errors import ConfigError, DataError, IncompatibleError, LdmError, RunDirError
+from ldm_cli.errors import ConfigError, DataError, IncompatibleError, RunDirError
 from ldm_cli.latents.dataset import FORMAT, INDEX_FILE, SHARD_META, UNCOND_FILE, shard_files, shard_name
-from ldm_cli.training.distributed import DistInfo, barrier, device_for, init_distributed
+from ldm_cli.training.distributed import DistInfo, barrier, device_for, distributed, on_main
 from ldm_cli.training.precision import autocast, resolve_device, resolve_precision
 
 TMP_PREFIX = ".tmp-"
@@ -226,23 +226,6 @@ def _remove_stale_temporaries(out: Path) -> None:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
-def _on_main(dist: DistInfo, work: Callable[[], Any]) -> Any:
-    """Run `work` on the main process only; its LdmError is raised on every process (no hung barrier)."""
-    result, failure = None, None
-    if dist.is_main:
-        try:
-            result = work()
-        except LdmError as error:
-            failure = error
-    if dist.enabled:
-        message = [failure]
-        torch.distributed.broadcast_object_list(message, src=0)
-        failure = message[0]
-    if failure is not None:
-        raise failure
-    return result
-
-
 # --- encoding --------------------------------------------------------------------------------------
 
 
@@ -303,17 +286,21 @@ def encode_dataset(
     """Encode `config.data` into a latent dataset in `out` (resuming one that is there); returns its index."""
     if config.batch_size < 1 or config.shard_size < 1:
         raise ConfigError(f"batch_size and shard_size must be positive, got {config.batch_size} and {config.shard_size}")
-    out = Path(out)
     device = resolve_device(device_name)
-    dist = init_distributed(device)
-    device = device_for(device, dist)
+    with distributed(device, config.dist_timeout_minutes) as dist:
+        return _encode_dataset(vae, config, Path(out), cache_text, device_for(device, dist), dist)
+
+
+def _encode_dataset(
+    vae: str | Path | LoadedAutoencoder, config: EncodeConfig, out: Path, cache_text: bool, device: torch.device, dist: DistInfo
+) -> dict[str, Any]:
     precision = resolve_precision(config.precision, device)
     autoencoder = vae if isinstance(vae, LoadedAutoencoder) else load_autoencoder(vae)
     resolution = _resolution(config.data, autoencoder)
     factor = autoencoder.downsampling_factor
     if resolution % factor:
         raise ConfigError(f"data.resolution={resolution} is not a multiple of the autoencoder's downsampling factor {factor}")
-    root = _on_main(dist, lambda: resolve_data_root(config.data, out.parent))  # may generate the shapes set
+    root = on_main(dist, lambda: resolve_data_root(config.data, out.parent))  # may generate the shapes set
     root = resolve_data_root(config.data, out.parent) if root is None else root
     images = ImageFolderDataset(root, resolution, crop="center", random_flip=False, split="all")
     text_encoder = load_text_encoder(config.text_encoder, device=device) if cache_text else None
@@ -350,7 +337,7 @@ def encode_dataset(
         _scan(out, range(num_shards), files, known)
         _write_json_atomic(out / INDEX_FILE, _index(header, known, complete=len(known) == num_shards))
 
-    _on_main(dist, prepare)
+    on_main(dist, prepare)
     pending = [number for number in shards_for_rank(num_shards, dist.rank, dist.world_size) if _shard_meta(out, number, files) is None]
     _encode_shards(images, encoder, config, out, pending, header, known, dist, files)
     barrier(dist)
@@ -365,8 +352,8 @@ def encode_dataset(
             tqdm.write(f"warning: skipped {index['bad_images']} unreadable image(s): {', '.join(index['bad_files'][:5])}")
         return index
 
-    index = _on_main(dist, finish)
-    barrier(dist)
+    index = on_main(dist, finish)
+    barrier(dist)  # the index is written before the other processes read it
     return index if dist.is_main else json.loads((out / INDEX_FILE).read_text())
 
 

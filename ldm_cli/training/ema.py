@@ -40,11 +40,14 @@ class EMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**self.shadow, "__updates__": torch.tensor(self.updates)}
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.shadow) - set(state)
         if missing:
             raise KeyError(f"EMA state lacks {sorted(missing)[:3]}")
-        self.shadow = {name: state[name].clone().float() for name in self.shadow}
+        # copy into the shadow in place: it stays on the parameters' device (state is read on the CPU)
+        for name, shadow in self.shadow.items():
+            shadow.copy_(state[name])
         self.updates = int(state.get("__updates__", 0))
 
     def weights_for(self, model: nn.Module) -> dict[str, torch.Tensor]:

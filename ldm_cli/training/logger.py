@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None, tensorboard: bool = True) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.csv"
         self.writer = None
@@ -22,6 +22,8 @@ class MetricsLogger:
         self.csv = csv.writer(self.file)
         if new_file:
             self.csv.writerow(["step", "name", "value", "time"])
+        if not tensorboard:  # train.log_with without tensorboard
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 

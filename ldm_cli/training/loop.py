@@ -18,11 +18,13 @@ from ldm_cli.errors import LdmError
 from ldm_cli.training.batches import EpochBatches
 from ldm_cli.training.distributed import DistInfo, barrier
 from ldm_cli.training.logger import MetricsLogger
+from ldm_cli.training.trackers import Trackers
 
 
 class Trainer(Protocol):
-    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, float]:
-        """One optimiser step over `grad_accum_steps` micro-batches; returns scalar metrics."""
+    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor | float]:
+        """One optimiser step over `grad_accum_steps` micro-batches; returns scalar metrics, as 0-d device
+        tensors where they are computed (the loop reads them only every `log_every` steps: no host sync)."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -59,7 +61,9 @@ def train_loop(
         torch.set_rng_state(state["torch_rng"])
         if dist.is_main:
             tqdm.write(f"resuming from {latest} (step {step})")
-    logger = MetricsLogger(run_dir, enabled=dist.is_main, resume_step=step if latest else None)
+    logger = MetricsLogger(run_dir, enabled=dist.is_main, resume_step=step if latest else None,
+                           tensorboard="tensorboard" in config.log_with)
+    trackers = Trackers(config.log_with, run_dir, enabled=dist.is_main)
     batches = EpochBatches(len(dataset), config.batch_size, config.seed, dist)
     steps_per_epoch = len(batches) // config.grad_accum_steps
     if steps_per_epoch == 0:
@@ -95,12 +99,18 @@ def train_loop(
                 batch_in_epoch += config.grad_accum_steps
                 progress.update(1)
                 if step % config.log_every == 0 or step == config.max_steps:
+                    metrics = {k: float(v) for k, v in metrics.items()}
                     progress.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "rec", "psnr")})
                     logger.log(step, metrics, "train/")
+                    trackers.log(step, metrics, "train/")
                 if dist.is_main and (step % config.eval_every == 0 or step == config.max_steps):
-                    logger.log(step, trainer.evaluate(step), "eval/")
+                    held_out = trainer.evaluate(step)
+                    logger.log(step, held_out, "eval/")
+                    trackers.log(step, held_out, "eval/")
                 if dist.is_main and (step % config.image_every == 0 or step == config.max_steps):
-                    trainer.write_images(step, run_dir / "images" / f"step_{step:07d}.png")
+                    image = run_dir / "images" / f"step_{step:07d}.png"
+                    trainer.write_images(step, image)
+                    trackers.log_image(step, image)
                 if step % config.checkpoint_every == 0:
                     save()
                     last_saved = step
@@ -117,6 +127,7 @@ def train_loop(
     finally:
         progress.close()
         logger.close()
+        trackers.close()
     if step != last_saved or checkpoints.latest() is None:
         save()
     return step

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,11 +33,20 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cuda_has_native_bf16() -> bool:
+    """True on GPUs with bf16 arithmetic (Ampere and newer); pre-Ampere cards (V100, T4) only emulate
+    it, slowly, so they are better served by fp16 with a grad scaler."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.5 has no `including_emulation`
+        return torch.cuda.get_device_capability() >= (8, 0)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """Turn `auto` into a concrete precision; refuse fp16 on the CPU (no grad scaler there)."""
     if precision == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if cuda_has_native_bf16() else "fp16"
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
@@ -56,3 +67,23 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
     """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """Bitwise-reproducible kernels while training (exact resume on CUDA): deterministic algorithms,
+    cuBLAS's fixed workspace, no cuDNN autotuning; the previous settings come back afterwards.
+    CPU kernels are deterministic already; on a GPU this costs speed."""
+    if not enabled:
+        yield
+        return
+    # cuBLAS reads this when it creates its handle, before the first matrix product
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    saved = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.benchmark = saved[1]

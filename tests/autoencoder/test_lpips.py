@@ -8,8 +8,16 @@ import torch.nn.functional as F
 import torchvision
 from safetensors.torch import save_file
 
-from ldm_cli.autoencoder.lpips import LPIPS, heads_cache_path, load_lpips, vgg16_cache_path
+from ldm_cli.autoencoder.lpips import (
+    HEADS_IN_PACKAGE,
+    LPIPS,
+    heads_cache_path,
+    load_lpips,
+    lpips_sources,
+    vgg16_cache_path,
+)
 from ldm_cli.errors import BundleError, MissingWeightsError
+from ldm_cli.weights import package_file
 
 CHANNELS = (64, 128, 256, 512, 512)
 
@@ -96,30 +104,33 @@ def test_safetensors_vgg_loads_the_same(weight_files, lpips):
         assert torch.equal(a, b), name
 
 
-def test_missing_vgg_names_the_file_and_the_way_out(hub_dir):
+def test_missing_vgg_offline_names_the_file_and_the_way_out(hub_dir, monkeypatch):
+    monkeypatch.setenv("LDM_OFFLINE", "1")
     expected = hub_dir / "checkpoints" / "vgg16-397923af.pth"
     assert vgg16_cache_path() == expected
     with pytest.raises(MissingWeightsError) as error:
         load_lpips()
     message = str(error.value)
     assert "\n" not in message
-    assert str(expected) in message
+    assert str(expected) in message and "offline" in message
     assert "https://download.pytorch.org/models/vgg16-397923af.pth" in message
     assert "loss.lpips_vgg_path=" in message and "loss.perceptual_weight=0" in message
 
 
-def test_hub_cache_is_used_and_missing_heads_are_named(hub_dir, weight_files):
-    vgg_path, _, heads_path, _ = weight_files
+def test_heads_come_from_the_installed_lpips_package(hub_dir, weight_files, monkeypatch):
+    monkeypatch.setenv("LDM_OFFLINE", "1")
+    vgg_path, _, _, _ = weight_files
     vgg16_cache_path().parent.mkdir(parents=True)
     os.symlink(vgg_path, vgg16_cache_path())
-    with pytest.raises(MissingWeightsError) as error:
-        load_lpips()
-    message = str(error.value)
-    assert str(hub_dir / "checkpoints" / "lpips_vgg_v0.1.pth") in message
-    assert "vgg.pth" in message and "loss.perceptual_weight=0" in message
-
-    os.symlink(heads_path, heads_cache_path())
-    assert isinstance(load_lpips(), LPIPS)
+    model = load_lpips()  # offline: the VGG16 from the cache, the heads from the lpips wheel
+    packaged = torch.load(package_file(*HEADS_IN_PACKAGE), map_location="cpu", weights_only=True)
+    assert set(packaged) == {f"lin{k}.model.1.weight" for k in range(5)}
+    for k, head in enumerate(model.heads()):
+        assert torch.equal(head.model[1].weight, packaged[f"lin{k}.model.1.weight"])
+    (vgg_title, vgg_where), (heads_title, heads_where) = lpips_sources()
+    assert (vgg_where.origin, vgg_where.path) == ("cache", vgg16_cache_path())
+    assert heads_where.origin == "package" and heads_where.path.name == "vgg.pth"
+    assert not heads_cache_path().exists()  # nothing was fetched
 
 
 def test_explicit_bad_paths(tmp_path, weight_files):

@@ -109,3 +109,94 @@ def test_posterior_logvar_init_sets_the_starting_noise():
     assert torch.all(model.quant_conv.bias[4:] == -6.0)
     posterior = model.encode(torch.zeros(1, 3, 16, 16))
     assert posterior.logvar.mean() < -4  # the weights add little at init
+
+
+def _one_batch(shapes_dir, count=4):
+    from ldm_cli.autoencoder.train import collate_images
+    from ldm_cli.data.images import ImageFolderDataset
+
+    dataset = ImageFolderDataset(shapes_dir, 16, split="all")
+    return dataset, collate_images([dataset[i] for i in range(count)])
+
+
+def test_discriminator_gradient_is_the_hinge_loss_gradient_alone(shapes_dir):
+    """The generator's GAN term must not leak into the discriminator's gradient."""
+    import copy
+
+    from ldm_cli.autoencoder.loss import hinge_d_loss
+    from ldm_cli.autoencoder.train import AutoencoderTrainer
+
+    config, _ = tiny_config(shapes_dir, 1, ["loss.disc_start=0"])
+    dataset, batch = _one_batch(shapes_dir)
+    trainer = AutoencoderTrainer(config, dataset, torch.device("cpu"))
+    discriminator = trainer.loss.discriminator
+    before = copy.deepcopy(discriminator)
+    inputs = []  # what D sees: reconstructions (generator pass), then real images and reconstructions
+    discriminator.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    seen = {}
+    trainer.opt_disc.register_step_pre_hook(
+        lambda optimizer, args, kwargs: seen.update({n: p.grad.clone() for n, p in discriminator.named_parameters()})
+    )
+    trainer.train_step([batch], step=0)
+
+    real, fake = inputs[1], inputs[2]
+    torch.testing.assert_close(fake, inputs[0])
+    loss = config.loss.disc_factor * hinge_d_loss(before(real), before(fake))
+    expected = dict(zip([n for n, _ in before.named_parameters()], torch.autograd.grad(loss, list(before.parameters()))))
+    assert seen.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(seen[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert all(p.requires_grad for p in discriminator.parameters())  # unfrozen for its own step
+
+
+def test_train_step_metrics_stay_on_the_device(shapes_dir):
+    """Reading a GPU scalar blocks until the GPU is idle: the step leaves that to the loop's log_every."""
+    from ldm_cli.autoencoder.train import AutoencoderTrainer
+
+    config, _ = tiny_config(shapes_dir, 1, ["loss.disc_start=0"])
+    dataset, batch = _one_batch(shapes_dir)
+    metrics = AutoencoderTrainer(config, dataset, torch.device("cpu")).train_step([batch], step=0)
+    assert {"loss", "rec_loss", "disc_loss", "g_loss"} <= metrics.keys()
+    assert all(isinstance(value, torch.Tensor) and value.dim() == 0 for value in metrics.values())
+
+
+def torchrun_train_vae(out, overrides):
+    """`ldm train-vae` in two CPU processes under torchrun."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+        "-m", "ldm_cli.cli", "train-vae", "--out", str(out), "--device", "cpu", *overrides,
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_on_the_same_global_batch(shapes_dir, tmp_path):
+    # GAN on from the first step; a discriminator without BatchNorm, whose batch statistics are per
+    # process on the CPU (GPUs synchronise them)
+    gan = ["loss.disc_start=0", "loss.disc.num_layers=0", "train.ema_decay=0.5", "train.max_steps=2", "train.checkpoint_every=1"]
+    single, overrides = tiny_config(shapes_dir, 2, [*gan, "train.batch_size=4"])
+    train_autoencoder(single, tmp_path / "single", overrides)
+    _, ddp_overrides = tiny_config(shapes_dir, 2, [*gan, "train.batch_size=2"])
+    torchrun_train_vae(tmp_path / "ddp", ddp_overrides)
+
+    single_weights, ddp_weights = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    assert single_weights.keys() == ddp_weights.keys()
+    for key in single_weights:
+        # the key bias's gradient is zero in exact arithmetic (softmax ignores a shift shared by all keys),
+        # so Adam's m/sqrt(v) turns summation-order noise in it into steps of up to lr
+        if not key.endswith("to_k.bias"):
+            torch.testing.assert_close(ddp_weights[key], single_weights[key], rtol=1e-4, atol=1e-5, msg=key)
+    with open(tmp_path / "ddp" / "metrics.csv") as handle:
+        rows = [(row["step"], row["name"]) for row in csv.DictReader(handle)]
+    assert len(rows) == len(set(rows)) and ("2", "train/disc_loss") in rows  # one writer: rank 0
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step_0000001", "step_0000002"]

@@ -30,6 +30,7 @@ def test_kl_f8_is_the_default_and_matches_sd():
         ("train.max_steps=-5", "train.max_steps: expected a positive integer"),
         ("train.precision=fp64", "train.precision"),
         ("train.max_steps==", "Error parsing override"),
+        ("train.dist_timeout_minutes=0", "train.dist_timeout_minutes: expected a positive number"),
     ],
 )
 def test_bad_overrides_are_one_line_config_errors(override, fragment):
@@ -38,6 +39,14 @@ def test_bad_overrides_are_one_line_config_errors(override, fragment):
     message = str(caught.value)
     assert fragment in message
     assert "\n" not in message
+
+
+def test_distributed_and_determinism_settings_compose():
+    config = load_config("train_diffusion", ["train.dist_timeout_minutes=240", "train.deterministic=true"])
+    assert config.train.dist_timeout_minutes == 240 and config.train.deterministic
+    assert load_config("encode", ["dist_timeout_minutes=30"]).dist_timeout_minutes == 30
+    with pytest.raises(ConfigError, match="dist_timeout_minutes: expected a positive number"):
+        load_config("encode", ["dist_timeout_minutes=-1"])
 
 
 def test_every_primary_config_composes():

@@ -256,3 +256,41 @@ def test_full_clip_checkpoint_keeps_the_text_tower(tmp_path, tiny, offline):
     with torch.no_grad():
         expected = clip.text_model(input_ids=input_ids).last_hidden_state
     torch.testing.assert_close(encoder.encode(["a cat"]), expected, rtol=0, atol=0)
+
+
+# --- where the weights come from ------------------------------------------------------------------
+
+
+def test_sources_are_named_without_loading(tmp_path, tiny, offline):
+    from ldm_cli.diffusion.text import text_encoder_source
+
+    assert text_encoder_source(TextEncoderConfig(tiny=True)) is None
+    save_text_encoder(tiny, tmp_path / "mine")
+    local = text_encoder_source(TextEncoderConfig(pretrained=str(tmp_path / "mine")))
+    assert (local.origin, local.path) == ("local path", tmp_path / "mine")
+    assert text_encoder_source(TextEncoderConfig(pretrained=MINILM_HUB_ID)).origin == "package"
+    hub = text_encoder_source(TextEncoderConfig(pretrained="some-org/some-model"))
+    assert hub.origin == "download" and hub.url == "https://huggingface.co/some-org/some-model"
+
+
+def test_hub_id_network_error_is_one_attempt_then_one_line(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    with socket.socket() as probe:  # a port nobody listens on stands in for the hub
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("LDM_OFFLINE", raising=False)
+    # huggingface_hub reads these once at import; the test session imported it offline
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub_cache"))
+    started = time.monotonic()
+    with pytest.raises(MissingWeightsError) as caught:
+        load_text_encoder(TextEncoderConfig(pretrained="some-org/some-model"))
+    message = str(caught.value)
+    assert time.monotonic() - started < 10  # the hub client alone retries for ~25 s
+    assert "\n" not in message and "'some-org/some-model' could not be downloaded" in message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -134,7 +135,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun_train(latents: Path, out: Path, overrides: list[str]) -> None:
+def torchrun_train(latents: Path, out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
     """`ldm train-diffusion` in two CPU processes under torchrun."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     command = [
@@ -143,6 +144,7 @@ def torchrun_train(latents: Path, out: Path, overrides: list[str]) -> None:
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+    return result
 
 
 @pytest.mark.slow
@@ -150,7 +152,10 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(latents, tmp_p
     common = [*UNET, *TRAIN, "train.max_steps=2", "objective.caption_dropout=0.5"]
     single = load_config("train_diffusion", [*common, "train.batch_size=4"])
     train_unet(single, latents, tmp_path / "single", [*common, "train.batch_size=4"], device_name="cpu")
-    torchrun_train(latents, tmp_path / "ddp", [*common, "train.batch_size=2"])
+    result = torchrun_train(latents, tmp_path / "ddp", [*common, "train.batch_size=2"])
+    # rank 0 alone prints the progress bar and the summary
+    assert result.stdout.count("latent-diffusion bundle:") == 1
+    assert len(re.findall(r"train-diffusion:\s+0%", result.stderr)) == 1
     single_weights, ddp_weights = unet_weights(tmp_path / "single"), unet_weights(tmp_path / "ddp")
     # Adam's m/sqrt(v) turns summation-order noise in a near-zero gradient into a step of up to lr (1e-3)
     # for that one element, so single elements get a fraction of a step; the weights as a whole must agree tightly
@@ -236,3 +241,34 @@ def test_bf16_weights_are_refused_for_the_autoencoder():
 
     with pytest.raises(ConfigError, match="train.bf16_weights"):  # not a key of the autoencoder's train configs
         load_config("train_vae", ["train.bf16_weights=true"])
+
+
+def test_caption_memo_stays_in_host_memory(latents):
+    """Embeddings memoised for 50,000 captions would fill a GPU; only each batch travels to the device."""
+    from ldm_cli.diffusion.text import TextEncoderConfig, load_text_encoder
+    from ldm_cli.diffusion.train import TextConditioning
+
+    encoder = load_text_encoder(TextEncoderConfig(tiny=True, max_length=16))
+    conditioning = TextConditioning(encoder, torch.device("meta"))  # stands in for a GPU
+    context = conditioning({"caption": ["a red circle", "a blue square"]}, torch.ones(2, dtype=torch.bool, device="meta"))
+    assert context.device.type == "meta" and context.shape == (2, 16, 32)
+    assert {value.device.type for value in conditioning.memo.values()} == {"cpu"}
+
+
+def test_train_step_metrics_stay_on_the_device(latents, tmp_path):
+    """Reading a GPU scalar blocks until the GPU is idle: the step leaves that to the loop's log_every."""
+    from ldm_cli.autoencoder.load import load_autoencoder
+    from ldm_cli.diffusion.text import load_text_encoder
+    from ldm_cli.diffusion.train import DiffusionTrainer, TextConditioning
+    from ldm_cli.latents.dataset import LatentDataset, collate_latents
+    from ldm_cli.training.distributed import DistInfo
+
+    config = load_config("train_diffusion", [*UNET, *TRAIN, "train.grad_clip=1.0"])
+    data = LatentDataset(latents)
+    config.unet.cross_attention_dim = 32
+    cpu = torch.device("cpu")
+    conditioning = TextConditioning(load_text_encoder(config.text_encoder), cpu, data.uncond_text())
+    trainer = DiffusionTrainer(config, data, load_autoencoder(data.autoencoder_path), conditioning, cpu, DistInfo())
+    metrics = trainer.train_step([collate_latents([data[i] for i in range(4)])], step=0)
+    assert isinstance(metrics["loss"], torch.Tensor) and metrics["loss"].dim() == 0
+    assert isinstance(metrics["grad_norm"], torch.Tensor) and metrics["grad_norm"].dim() == 0

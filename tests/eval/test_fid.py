@@ -254,15 +254,16 @@ def test_layout_mismatch_and_bad_files(torchvision_weights, tmp_path):
         load_inception(not_inception)
 
 
-def test_missing_weights_name_the_files(hub_dir):
+def test_missing_weights_offline_name_the_file(hub_dir, monkeypatch):
+    monkeypatch.setenv("LDM_OFFLINE", "1")
     with pytest.raises(MissingWeightsError) as error:
         load_inception(None)
     message = str(error.value)
-    assert "\n" not in message
+    assert "\n" not in message and "offline" in message
     checkpoints = hub_dir / "checkpoints"
-    assert str(checkpoints / PYTORCH_FID_FILE) in message and str(checkpoints / TORCHVISION_FILE) in message
-    assert "github.com/mseitzer/pytorch-fid" in message and "download.pytorch.org" in message
-    assert "--inception PATH" in message
+    assert str(checkpoints / PYTORCH_FID_FILE) in message
+    assert "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" in message
+    assert "--inception=/path/to/" in message
     with pytest.raises(MissingWeightsError, match=TORCHVISION_FILE) as error:
         load_inception(None, layout="torchvision")
     assert PYTORCH_FID_FILE not in str(error.value)
@@ -355,3 +356,25 @@ def test_compute_fid_kid_folder_errors(tmp_path):
     (tmp_path / "broken" / "b.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="cannot read image"):
         compute_fid_kid(tmp_path / "real", tmp_path / "broken", _MeanColour(), batch_size=2)
+
+
+def test_inception_features_use_true_float32_kernels():
+    """TF32 convolutions on a GPU would move FID away from pytorch-fid's; the forward turns it off
+    and restores the caller's settings."""
+    from ldm_cli.eval.inception import InceptionFeatures
+
+    net = fid_inception_v3()
+    seen = []
+    net.Conv2d_1a_3x3.register_forward_pre_hook(
+        lambda module, args: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+    )
+    features = InceptionFeatures(net, "pytorch-fid")
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with torch.no_grad():
+            features(torch.rand(1, 3, 75, 75))
+        assert seen == [(False, False)]
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -3,6 +3,7 @@ flipped copies, cached text, refusal of another autoencoder, the CLI, and the to
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -271,6 +272,28 @@ def test_torchrun_two_processes_match_one(vae, data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.count("latent dataset:") == 1  # the summary from rank 0 only
+    assert len(re.findall(r"encode:\s+0%", finished.stderr)) == 1
     index = json.loads((out / "index.json").read_text())
     assert index == json.loads((single / "index.json").read_text())
     np.testing.assert_allclose(shard_arrays(out, "mean"), shard_arrays(single, "mean"), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_encode_exits_cleanly_every_time(vae, data, tmp_path):
+    """Finished processes exit 0: two launches at once, twice over, one thread each (the load under
+    which a process group left to interpreter shutdown aborted with SIGABRT)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(out: Path) -> subprocess.Popen:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "-m", "ldm_cli.cli", "encode", "--vae", str(vae), "--data", str(data), "--out", str(out),
+                   "--device", "cpu", "batch_size=3", "shard_size=4", "precision=fp32"]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    for round_ in range(2):
+        runs = [launch(tmp_path / f"out_{round_}_{i}") for i in range(2)]
+        for run in runs:
+            _, stderr = run.communicate(timeout=300)
+            assert run.returncode == 0 and "terminate called" not in stderr, stderr[-3000:]
+    assert json.loads((tmp_path / "out_1_1" / "index.json").read_text())["complete"]

@@ -34,3 +34,21 @@ def test_averaged_copy_holds_the_ema_weights_and_leaves_the_model_alone():
         assert not torch.equal(value, trained[name])  # the average lags the trained weights
     assert torch.equal(averaged.state_dict()["1.running_var"], trained["1.running_var"])  # buffers as trained
     assert all(torch.equal(value, trained[name]) for name, value in model.state_dict().items())
+
+
+def test_loading_a_cpu_state_keeps_the_shadow_where_the_parameters_are():
+    """Checkpoints are read on the CPU; the shadow must stay on the parameters' device (a GPU in
+    training), or the next update mixes devices."""
+    model = torch.nn.Linear(3, 2).to("meta")
+    ema = EMA(model, decay=0.9)
+    state = {name: torch.full(value.shape, 2.0) for name, value in ema.shadow.items()} | {"__updates__": torch.tensor(7)}
+    ema.load_state_dict(state)
+    assert {value.device.type for value in ema.shadow.values()} == {"meta"}
+    assert ema.updates == 7
+    ema.update(model)  # same-device update works
+
+    cpu_model = torch.nn.Linear(3, 2)
+    cpu_ema = EMA(cpu_model, decay=0.9)
+    cpu_ema.load_state_dict(state)
+    assert all(torch.equal(value, torch.full(value.shape, 2.0)) for value in cpu_ema.shadow.values())
+    assert all(value.dtype == torch.float32 for value in cpu_ema.shadow.values())
