@@ -387,6 +387,7 @@ def inpaint_command(
     no_prompt_weighting: bool = NO_PROMPT_WEIGHTING,
     clip_skip: int = CLIP_SKIP,
     out: Optional[Path] = SAMPLE_OUT,
+    offline: bool = OFFLINE,
     config_dir: Optional[Path] = CONFIG_DIR,
     show_config: bool = SHOW_CONFIG,
     overrides: Optional[list[str]] = OVERRIDES,
