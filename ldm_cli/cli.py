@@ -282,7 +282,11 @@ NUM_IMAGES = typer.Option(1, "-n", "--num-images", help="Images per prompt (img2
 BATCH_SIZE = typer.Option(1, "--batch-size", help="Images per forward pass: faster on a GPU; pixels then match batch size 1 up to rounding.")
 STEPS = typer.Option(SamplingSettings.steps, "--steps", help="Sampling steps.")
 GUIDANCE = typer.Option(SamplingSettings.guidance_scale, "--guidance-scale", help="Classifier-free guidance scale; 1 turns guidance off.")
-SAMPLER = typer.Option(SamplingSettings.sampler, "--sampler", help="Sampler: ddim | ddpm | euler | euler_ancestral | heun | dpmpp_2m | dpmpp_2m_sde (the registry in sampling/samplers.py).")
+SAMPLER = typer.Option(
+    SamplingSettings.sampler, "--sampler",
+    help="ddim | ddpm | euler | euler_ancestral | heun | lms | dpmpp_2m | dpmpp_2m_sde | dpmpp_sde | dpmpp_3m_sde | unipc "
+         "(the registry in sampling/samplers.py).",
+)
 SEED = typer.Option(0, "--seed", help="Image i of the run uses seed SEED+i; a negative seed picks one at random.")
 HEIGHT = typer.Option(None, "--height", help="Pixels; a multiple of the autoencoder's factor. Default: the model's resolution.")
 WIDTH = typer.Option(None, "--width", help="Pixels; a multiple of the autoencoder's factor. Default: the model's resolution.")
@@ -291,6 +295,10 @@ PRECISION = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16 
 GRID = typer.Option(False, "--grid", help="Also write a contact sheet of the run's images.")
 JSON_SIDECAR = typer.Option(False, "--json", help="Also write each image's metadata as a .json beside it.")
 LORA = typer.Option(None, "--lora", help="A LoRA file (kohya/A1111 or diffusers/PEFT .safetensors), FILE or FILE:SCALE; repeat to add several. Merged into the weights at load.")
+NO_PROMPT_WEIGHTING = typer.Option(
+    False, "--no-prompt-weighting", help="Read (word:1.2), [word] and BREAK in prompts literally."
+)
+CLIP_SKIP = typer.Option(SamplingSettings.clip_skip, "--clip-skip", help="Use the N-th CLIP hidden state from the end (A1111's CLIP skip; 1: the last).")
 SAMPLE_OUT = typer.Option(None, "--out", help="Output folder (required); existing files are never overwritten.")
 
 
@@ -321,6 +329,8 @@ def sample(
     offline: bool = OFFLINE,
     grid: bool = GRID,
     as_json: bool = JSON_SIDECAR,
+    no_prompt_weighting: bool = NO_PROMPT_WEIGHTING,
+    clip_skip: int = CLIP_SKIP,
     out: Optional[Path] = SAMPLE_OUT,
     lora: Optional[list[str]] = LORA,
     replay: Optional[Path] = typer.Option(None, "--replay", help="Remake an image from its PNG metadata (all other settings come from it)."),
@@ -342,7 +352,7 @@ def sample(
             out=out, model=model, prompts=list(prompt or []), prompt_file=prompt_file, negative_prompt=negative_prompt,
             num_images=num_images, batch_size=batch_size, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
             seed=seed, height=height, width=width, eta=eta, precision=precision, device=device, grid=grid,
-            json_sidecar=as_json, loras=list(lora or []),
+            json_sidecar=as_json, loras=list(lora or []), prompt_weighting=not no_prompt_weighting, clip_skip=clip_skip,
         ), config)
     typer.echo(written.summary())
 
@@ -369,6 +379,8 @@ def img2img(
     offline: bool = OFFLINE,
     grid: bool = GRID,
     as_json: bool = JSON_SIDECAR,
+    no_prompt_weighting: bool = NO_PROMPT_WEIGHTING,
+    clip_skip: int = CLIP_SKIP,
     out: Optional[Path] = SAMPLE_OUT,
     lora: Optional[list[str]] = LORA,
     config_dir: Optional[Path] = CONFIG_DIR,
@@ -384,8 +396,55 @@ def img2img(
         out=out, model=model, prompts=list(prompt or []), prompt_file=prompt_file, negative_prompt=negative_prompt,
         num_images=num_images, batch_size=batch_size, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
         seed=seed, height=height, width=width, eta=eta, precision=precision, device=device, grid=grid,
-        json_sidecar=as_json, init=init, strength=strength, loras=list(lora or []),
+        json_sidecar=as_json, init=init, strength=strength, loras=list(lora or []), prompt_weighting=not no_prompt_weighting,
+        clip_skip=clip_skip,
     ), config)
+    typer.echo(written.summary())
+
+
+@app.command("inpaint")
+def inpaint_command(
+    model: Path = typer.Option(..., "--model", help="Latent-diffusion run directory or bundle (any, or an inpainting model)."),
+    init: Path = typer.Option(..., "--init", help="The image to repaint."),
+    mask: str = typer.Option(..., "--mask", help="PNG mask: white is repainted, black kept; or 'alpha': the init's transparent pixels."),
+    strength: float = typer.Option(1.0, "--strength", help="How much of the masked region to change: 1 repaints it from noise."),
+    mask_blur: float = typer.Option(4.0, "--mask-blur", help="Feather the pasted-back edge by a Gaussian of this many pixels."),
+    keep_unmasked: bool = typer.Option(True, "--keep-unmasked/--no-keep-unmasked", help="Paste the init's pixels back outside the mask."),
+    prompt: Optional[list[str]] = PROMPT,
+    prompt_file: Optional[Path] = PROMPT_FILE,
+    negative_prompt: str = NEGATIVE_PROMPT,
+    num_images: int = NUM_IMAGES,
+    steps: int = STEPS,
+    guidance_scale: float = GUIDANCE,
+    sampler: str = SAMPLER,
+    seed: int = SEED,
+    height: Optional[int] = typer.Option(None, "--height", help="Resize and centre-crop the init (and mask) to this height."),
+    width: Optional[int] = typer.Option(None, "--width", help="Resize and centre-crop the init (and mask) to this width."),
+    eta: Optional[float] = ETA,
+    precision: str = PRECISION,
+    device: str = DEVICE,
+    grid: bool = GRID,
+    as_json: bool = JSON_SIDECAR,
+    no_prompt_weighting: bool = NO_PROMPT_WEIGHTING,
+    clip_skip: int = CLIP_SKIP,
+    out: Optional[Path] = SAMPLE_OUT,
+    offline: bool = OFFLINE,
+    config_dir: Optional[Path] = CONFIG_DIR,
+    show_config: bool = SHOW_CONFIG,
+    overrides: Optional[list[str]] = OVERRIDES,
+) -> None:
+    """Image + mask + text → images: repaint the mask's white pixels, keep the black ones."""
+    config = _config("sample", overrides, config_dir, [], show_config)
+    out = _required_out(out)
+    from ldm_cli.sampling.commands import SampleRequest
+    from ldm_cli.sampling.inpaint import InpaintOptions, run_inpaint
+
+    written = run_inpaint(SampleRequest(
+        out=out, model=model, prompts=list(prompt or []), prompt_file=prompt_file, negative_prompt=negative_prompt,
+        num_images=num_images, steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed, height=height,
+        width=width, eta=eta, precision=precision, device=device, grid=grid, json_sidecar=as_json, init=init,
+        strength=strength, prompt_weighting=not no_prompt_weighting, clip_skip=clip_skip,
+    ), InpaintOptions(mask, mask_blur, keep_unmasked), config)
     typer.echo(written.summary())
 
 

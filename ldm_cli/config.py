@@ -127,7 +127,7 @@ class SampleConfig:
     """Sampling knobs beyond the command-line options."""
 
     karras_sigmas: bool = False
-    timestep_spacing: str = "trailing"  # leading | trailing | linspace
+    timestep_spacing: str = "trailing"  # leading | trailing | linspace | exponential
     tile_decode_above: int = 1024  # decode in tiles when the image side exceeds this many pixels
     tile_latent_size: int = 64
     compile: bool = False  # torch.compile the U-Net: a one-time compilation, then faster steps (docs/benchmarks.md)

@@ -50,6 +50,15 @@ class LatentDiffusion:
     def downsampling_factor(self) -> int:
         return self.autoencoder.downsampling_factor
 
+    @property
+    def is_inpainting(self) -> bool:
+        """An inpainting U-Net (SD 1.5-inpainting) reads latent + mask + masked-image latent channels."""
+        return is_inpainting_unet(self.unet.config.in_channels, self.latent_channels)
+
+
+def is_inpainting_unet(unet_in_channels: int, latent_channels: int) -> bool:
+    return unet_in_channels == 2 * latent_channels + 1
+
 
 def build_unet(config: UNetConfig, weights: dict[str, torch.Tensor]) -> UNet:
     check_shapes(lambda: UNet(config), weights, "U-Net")  # before allocating the model
@@ -115,7 +124,7 @@ def write_latent_diffusion_bundle(
             "autoencoder": {"path": "autoencoder", "content_hash": autoencoder.content_hash},
             "latent_scale": autoencoder.meta["latent_scale"],
             "latent_shift": autoencoder.meta.get("latent_shift", 0.0),
-            "latent_channels": unet_config.in_channels,
+            "latent_channels": autoencoder.meta.get("autoencoder", {}).get("latent_channels", unet_config.in_channels),
             "resolution": autoencoder.meta["resolution"],
             **(extra or {}),
         }

@@ -36,6 +36,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING
 from transformers.utils import logging as hf_logging
 
+from ldm_cli.diffusion.prompt_weights import chunk_tokens, parse_prompt_weights
 from ldm_cli.errors import ConfigError, MissingWeightsError
 from ldm_cli.weights import CONNECT_TIMEOUT_S, Resolved, is_offline
 
@@ -97,6 +98,55 @@ class TextEncoder(nn.Module):
 
     def forward(self, prompts: Sequence[str]) -> torch.Tensor:
         return self.encode(prompts)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, weighting: bool = True, clip_skip: int = 1) -> torch.Tensor:
+        """One prompt → [chunks · max_length, width], the way AUTOMATIC1111 encodes it for CLIP.
+
+        The text is parsed for weights (`prompt_weights.py`; `weighting=False` reads it literally) and cut
+        into chunks of max_length − 2 tokens, each encoded alone as BOS … EOS and concatenated, so nothing
+        is truncated. A chunk's weighted tokens are scaled and the chunk rescaled to its unweighted mean.
+        `clip_skip` N takes the N-th hidden state from the end through the final layer norm (1: the last).
+        Encoders other than CLIP take the prompt as `encode` does (one window, literal text).
+        """
+        if not 1 <= clip_skip <= self.num_layers:
+            raise ConfigError(f"--clip-skip must be between 1 and {self.num_layers} (this text encoder's layers), got {clip_skip}")
+        if self.use_attention_mask:  # BERT-like: no chunking or weights
+            if clip_skip != 1:
+                raise ConfigError("--clip-skip needs a CLIP text encoder")
+            return self.encode([prompt])[0]
+        fragments = parse_prompt_weights(prompt) if weighting else [(prompt, 1.0)]
+        tokenizer = self.tokenizer
+        chunks = chunk_tokens(
+            fragments,
+            lambda text: tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"],
+            self.max_length - 2,
+            tokenizer.bos_token_id,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+        device = self.model.device
+        ids = torch.tensor([chunk.ids for chunk in chunks], device=device)
+        if clip_skip == 1:
+            hidden = self.model(input_ids=ids).last_hidden_state
+        else:
+            states = self.model(input_ids=ids, output_hidden_states=True).hidden_states
+            text_model = getattr(self.model, "text_model", self.model)  # transformers < 5 nests the tower
+            hidden = text_model.final_layer_norm(states[-clip_skip])
+        weights = torch.tensor([chunk.weights for chunk in chunks], device=device, dtype=hidden.dtype)
+        if not torch.all(weights == 1):  # A1111: scale, then restore each chunk's mean
+            mean = hidden.mean(dim=(1, 2), keepdim=True)
+            hidden = hidden * weights[..., None]
+            new_mean = hidden.mean(dim=(1, 2), keepdim=True)
+            # a mean near 0 (a final layer norm without bias) makes the ratio noise: such a chunk stays as scaled
+            size = 1e-3 * hidden.abs().mean(dim=(1, 2), keepdim=True)
+            meaningful = (mean.abs() > size) & (new_mean.abs() > size)
+            hidden = torch.where(meaningful, hidden * (mean / new_mean), hidden)
+        return hidden.reshape(-1, hidden.shape[-1])
 
     def _tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)

@@ -43,10 +43,12 @@ def check_unet_fits(model: ImportedModel) -> None:
     """The U-Net's weights, and that it reads what the VAE and the text encoder make."""
     unet, text = model.unet_config, model.text
     check_unet_weights(model.unet_weights, unet)
-    if unet.in_channels != model.autoencoder.config.latent_channels:
+    latent_channels = model.autoencoder.config.latent_channels
+    # an inpainting U-Net reads latent + mask + masked-image latent: 2 · latent + 1 channels
+    if unet.in_channels not in (latent_channels, 2 * latent_channels + 1):
         raise IncompatibleError(
-            f"the U-Net reads {unet.in_channels} channels but the VAE makes "
-            f"{model.autoencoder.config.latent_channels}-channel latents"
+            f"the U-Net reads {unet.in_channels} channels but the VAE makes {latent_channels}-channel latents "
+            f"(an inpainting U-Net reads {2 * latent_channels + 1})"
         )
     if text.encoder is not None and text.encoder.width != unet.cross_attention_dim:
         raise IncompatibleError(

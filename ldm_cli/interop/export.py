@@ -202,6 +202,9 @@ def export_diffusers(bundle_path: str | Path, out: str | Path, log: Log = print)
     if model.latent_shift:
         log(f"note: latent shift {model.latent_shift} goes to vae shift_factor, which StableDiffusionPipeline ignores")
     provenance = model.provenance()
+    # an inpainting U-Net (latent + mask + masked-image latent channels) loads as the inpainting pipeline
+    inpainting = model.unet_config.in_channels == 2 * model.autoencoder_config.latent_channels + 1
+    pipeline_class = "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline"
 
     def write(target: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="ldm-export-") as scratch:
@@ -213,7 +216,7 @@ def export_diffusers(bundle_path: str | Path, out: str | Path, log: Log = print)
         write_safetensors(vae_weights, target / "vae" / "diffusion_pytorch_model.safetensors", provenance)
         _write_json(target / "scheduler" / "scheduler_config.json", diffusers_scheduler_config(model.schedule))
         _write_json(target / "model_index.json", {
-            "_class_name": "StableDiffusionPipeline",
+            "_class_name": pipeline_class,
             "_diffusers_version": _diffusers_version(),
             "feature_extractor": [None, None],
             "image_encoder": [None, None],
@@ -227,7 +230,7 @@ def export_diffusers(bundle_path: str | Path, out: str | Path, log: Log = print)
         })
 
     _staged(Path(out).expanduser(), write)
-    log(f"wrote diffusers StableDiffusionPipeline folder {out} (DDIM scheduler, {model.schedule.prediction_type}, "
+    log(f"wrote diffusers {pipeline_class} folder {out} (DDIM scheduler, {model.schedule.prediction_type}, "
         f"{model.resolution}px, no safety checker)")
     return Path(out)
 

@@ -66,6 +66,8 @@ class SampleRequest:
     init: Optional[Path] = None  # img2img: an image or a folder of images
     strength: float = 0.75  # img2img only
     loras: list[str] = field(default_factory=list)  # each --lora FILE[:SCALE]
+    prompt_weighting: bool = True
+    clip_skip: int = 1
 
 
 @dataclass
@@ -120,6 +122,8 @@ def _settings(request: SampleRequest, config: SampleConfig, strength: float) -> 
         strength=strength,
         timestep_spacing=config.timestep_spacing,
         karras_sigmas=config.karras_sigmas,
+        prompt_weighting=request.prompt_weighting,
+        clip_skip=request.clip_skip,
     )
 
 
@@ -142,10 +146,15 @@ def _check_out(out: Path) -> None:
         raise UsageError(f"--out {out} is a file; give a folder")
 
 
-def _load_model(path: Optional[Path], device: torch.device, loras: Applied = ()) -> LatentDiffusion:
+def _load_model(path: Optional[Path], device: torch.device, loras: Applied = (), inpainting_ok: bool = False) -> LatentDiffusion:
     if path is None:
         raise UsageError("--model is required (a latent-diffusion run directory or bundle)")
-    return load_latent_diffusion(path, device=device, loras=loras)
+    model = load_latent_diffusion(path, device=device, loras=loras)
+    if model.is_inpainting and not inpainting_ok:
+        raise UsageError(
+            f"{path} is an inpainting model (its U-Net reads a mask and a masked image); use `ldm inpaint --init IMAGE --mask MASK`"
+        )
+    return model
 
 
 def _loras(request: SampleRequest, prompts: list[str]) -> tuple[list[str], Applied]:
@@ -453,6 +462,35 @@ def _init_metadata(init: InitImage, settings: SamplingSettings) -> dict[str, Any
     }
 
 
+def settings_from_metadata(meta: dict[str, Any], image: Path, limits: SamplingLimits) -> SamplingSettings:
+    """The sampling settings an image's metadata records, type-checked and validated."""
+    settings = SamplingSettings.from_metadata(meta, str(image))
+    settings.validate(limits=limits)
+    return settings
+
+
+def check_replay_model(
+    loaded: LatentDiffusion, model: Path, meta: dict[str, Any], image: Path, device: torch.device,
+    settings: SamplingSettings, limits: SamplingLimits,
+) -> None:
+    """Step limits and sizes (errors), and notes when model, device or version differ from the image's."""
+    settings.validate(loaded.schedule.num_train_timesteps, limits)
+    check_image_size(settings.height, settings.width, loaded)
+    if loaded.bundle.content_hash != meta.get("model_hash"):
+        print(f"note: {model} is not the model {Path(image).name} was made with (content hash differs); pixels will differ")
+    if meta.get("device") not in (None, device.type):
+        print(f"note: {Path(image).name} was made on {meta['device']}, this replay runs on {device.type}; pixels may differ slightly")
+    if meta.get("ldm_version") not in (None, __version__):
+        # another version may run other kernels (layouts, fused ops), which round differently
+        print(f"note: {Path(image).name} was made with ldm {meta['ldm_version']}, this is ldm {__version__}; pixels may differ slightly")
+
+
+def replay_identity(loaded: LatentDiffusion, device: torch.device) -> dict[str, Any]:
+    """What a replayed image records about where it was remade."""
+    return {"model": str(loaded.bundle.path.resolve()), "model_hash": loaded.bundle.content_hash,
+            "ldm_version": __version__, "device": device.type}
+
+
 def run_replay(
     image: Path, out: Path, config: SampleConfig, model: Optional[Path] = None, device_name: str = "auto",
     init: Optional[Path] = None, json_sidecar: bool = False,
@@ -464,12 +502,16 @@ def run_replay(
         if not model.exists():
             raise UsageError(f"the model recorded in {image} ({model}) is not here; pass --model")
     _check_out(out)
+    if meta["mode"] == "inpaint":
+        from ldm_cli.sampling.inpaint import replay_inpaint
+
+        request = SampleRequest(out=out, model=model, device=device_name, json_sidecar=json_sidecar)
+        return replay_inpaint(meta, image, request, config, init, None)
     device = resolve_device(device_name)
     precision = resolve_precision(meta["precision"], device)
     img2img = meta["mode"] == "img2img"
-    settings = SamplingSettings.from_metadata(meta, str(image))
     limits = limits_of(config)
-    settings.validate(limits=limits)
+    settings = settings_from_metadata(meta, image, limits)
     batch = meta.get("batch") or {"seeds": [meta["seed"]], "prompts": [meta["prompt"]]}
     _check_replay_batch(batch, meta, image, limits)
     init_path = Path(init or meta.get("init_image") or "") if img2img else None
@@ -478,15 +520,7 @@ def run_replay(
     if init_path is not None and file_sha256(init_path) != meta["init_sha256"]:
         raise DataError(f"{init_path} is not the init image {image} was made from (its sha256 differs)")
     loaded = _load_model(model, device, replay_loras(meta.get("loras") or [], Path(image)))
-    settings.validate(loaded.schedule.num_train_timesteps, limits)
-    check_image_size(settings.height, settings.width, loaded)
-    if loaded.bundle.content_hash != meta.get("model_hash"):
-        print(f"note: {model} is not the model {Path(image).name} was made with (content hash differs); pixels will differ")
-    if meta.get("device") not in (None, device.type):
-        print(f"note: {Path(image).name} was made on {meta['device']}, this replay runs on {device.type}; pixels may differ slightly")
-    if meta.get("ldm_version") not in (None, __version__):
-        # another version may run other kernels (layouts, fused ops), which round differently
-        print(f"note: {Path(image).name} was made with ldm {meta['ldm_version']}, this is ldm {__version__}; pixels may differ slightly")
+    check_replay_model(loaded, model, meta, image, device, settings, limits)
 
     pipeline = _pipeline(loaded, device, precision, replace(config, compile=bool(meta.get("compiled", False))))
     latent = None
@@ -497,8 +531,7 @@ def run_replay(
     jobs = [ImageJob(prompt, int(seed), latent) for prompt, seed in zip(batch["prompts"], batch["seeds"])]
     position = [job.seed for job in jobs].index(int(meta["seed"]))
     _, images = next(iter(pipeline.generate(jobs, settings, batch_size=len(jobs))))
-    replayed = {**meta, "model": str(loaded.bundle.path.resolve()), "model_hash": loaded.bundle.content_hash,
-                "ldm_version": __version__, "device": device.type}
+    replayed = {**meta, **replay_identity(loaded, device)}
     path = OutputFolder(out).write_image(tensor_to_pil(images[position]), int(meta["seed"]), replayed, json_sidecar)
     return Written([path])
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from ldm_cli.diffusion.schedule import NoiseSchedule
 from ldm_cli.errors import ConfigError
 
-SPACINGS = ("leading", "trailing", "linspace", "karras")
+SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential")
 
 
 class Denoiser:
@@ -109,7 +110,8 @@ def get_sigmas(
 
     leading / trailing / linspace: σ at the training timesteps of `get_timesteps` (so the network sees
     integer timesteps). karras: σ_i = (σ_max^(1/ρ) + i/(n−1) (σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ between the
-    schedule's σ_min and σ_max (Karras et al. 2022, eq. 5).
+    schedule's σ_min and σ_max (Karras et al. 2022, eq. 5). exponential: log σ evenly spaced between the
+    same ends (diffusers' `use_exponential_sigmas`).
     """
     if spacing not in SPACINGS:
         raise ConfigError(f"sigma spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
@@ -120,6 +122,11 @@ def get_sigmas(
         ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
         sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
         sigmas = sigmas.float()
+    elif spacing == "exponential":
+        if steps < 1:
+            raise ConfigError(f"steps must be at least 1, got {steps}")
+        sigma_min, sigma_max = schedule.sigmas[0].item(), schedule.sigmas[-1].item()
+        sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp().float()
     else:
         sigmas = schedule.sigmas.cpu()[get_timesteps(schedule, steps, spacing, steps_offset)]
     return torch.cat([sigmas, sigmas.new_zeros(1)])

@@ -32,7 +32,8 @@ FIELD_TYPES = (
 # AUTOMATIC1111's display names, so model sites and viewers recognise the sampler
 A1111_SAMPLER_NAMES = {
     "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_sde": "DPM++ 2M SDE", "ddim": "DDIM", "ddpm": "DDPM",
+    "dpmpp_2m_sde": "DPM++ 2M SDE", "ddim": "DDIM", "ddpm": "DDPM", "dpmpp_sde": "DPM++ SDE",
+    "dpmpp_3m_sde": "DPM++ 3M SDE", "lms": "LMS", "unipc": "UniPC",
 }
 
 
@@ -47,9 +48,11 @@ def parameters_line(meta: dict[str, Any]) -> str:
         ("Size", f"{meta['width']}x{meta['height']}"),
         ("Model hash", (meta.get("model_hash") or "")[:10] or None),
         ("Model", Path(meta["model"]).name if meta.get("model") else None),
-        ("Denoising strength", meta.get("strength") if meta["mode"] == "img2img" else None),
+        ("Denoising strength", meta.get("strength") if meta["mode"] in ("img2img", "inpaint") else None),
+        ("Mask blur", meta.get("mask_blur") if meta["mode"] == "inpaint" else None),
         ("Eta", meta.get("eta")),
         ("Lora hashes", _lora_hashes(meta.get("loras"))),
+        ("Clip skip", meta["clip_skip"] if meta.get("clip_skip", 1) != 1 else None),
         ("Version", f"ldm {meta['ldm_version']}" if meta.get("ldm_version") else None),
     ]
     settings = ", ".join(f"{name}: {value}" for name, value in fields if value is not None)

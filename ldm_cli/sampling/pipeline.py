@@ -1,7 +1,9 @@
 """Text → image and image → image with a latent-diffusion bundle, in numbered steps (as diffusers):
 
 1. encode prompts   once per distinct prompt, each alone (so an embedding never depends on its
-                    batch-mates); the negative prompt ("" by default) is the unconditional branch
+                    batch-mates), with A1111's weights and 75-token chunks (`TextEncoder.encode_prompt`);
+                    the negative prompt ("" by default) is the unconditional branch, and the shorter
+                    side is padded with empty-prompt chunks; a batch only holds prompts of one length
 2. prepare latents  image i draws its noise from its own CPU generator seeded with its seed, in
                     float32, then moves it to the device: an image does not depend on the batch it
                     was made in, nor on the device's random number generator. txt2img starts at
@@ -79,12 +81,18 @@ class ImageJob:
     init: Optional[InitLatent] = None
 
 
-def plan_batches(jobs: Sequence[ImageJob], batch_size: int) -> list[list[ImageJob]]:
-    """Consecutive jobs with the same init (hence size), at most `batch_size` each."""
+def plan_batches(
+    jobs: Sequence[ImageJob], batch_size: int, group: Optional[Callable[[ImageJob], object]] = None
+) -> list[list[ImageJob]]:
+    """Consecutive jobs with the same init (hence size) and `group` value, at most `batch_size` each."""
     size = max(1, batch_size)
     batches: list[list[ImageJob]] = []
+
+    def key(job: ImageJob) -> object:
+        return (_init_key(job), group(job) if group is not None else None)
+
     for job in jobs:
-        if batches and len(batches[-1]) < size and _init_key(batches[-1][0]) == _init_key(job):
+        if batches and len(batches[-1]) < size and key(batches[-1][0]) == key(job):
             batches[-1].append(job)
         else:
             batches.append([job])
@@ -152,7 +160,7 @@ class SamplingPipeline:
             if prepack:
                 optimize_for_cpu_inference(unet)
         self.denoiser = Denoiser(self._unet, model.schedule)
-        self._embeddings: dict[str, torch.Tensor] = {}
+        self._embeddings: dict[tuple[str, bool, int], torch.Tensor] = {}
 
     @property
     def latent_channels(self) -> int:
@@ -194,12 +202,24 @@ class SamplingPipeline:
 
     # 1. encode prompts --------------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings [len(prompts), L, D] (float32), computed once per distinct prompt."""
-        for prompt in dict.fromkeys(prompts):
-            if prompt not in self._embeddings:
-                self._embeddings[prompt] = self.model.text_encoder.encode([prompt])[0].float()
-        return torch.stack([self._embeddings[prompt] for prompt in prompts])
+    def encode_prompt(self, prompt: str, weighting: bool = True, clip_skip: int = 1) -> torch.Tensor:
+        """One prompt's embedding [chunks · L, D] (float32; see `TextEncoder.encode_prompt`), computed once."""
+        key = (prompt, weighting, clip_skip)
+        if key not in self._embeddings:
+            self._embeddings[key] = self.model.text_encoder.encode_prompt(prompt, weighting, clip_skip).float()
+        return self._embeddings[key]
+
+    def encode_prompts(self, prompts: Sequence[str], weighting: bool = True, clip_skip: int = 1) -> torch.Tensor:
+        """Text embeddings [len(prompts), n · L, D] (float32): prompts of fewer chunks than the longest are
+        padded with chunks of the empty prompt (as A1111 pads a short negative prompt)."""
+        embeddings = [self.encode_prompt(prompt, weighting, clip_skip) for prompt in prompts]
+        longest = max(len(embedding) for embedding in embeddings)
+        empty = self.encode_prompt("", weighting, clip_skip)
+        padded = []
+        for embedding in embeddings:
+            missing = (longest - len(embedding)) // len(empty)
+            padded.append(torch.cat([embedding, *[empty] * missing]) if missing else embedding)
+        return torch.stack(padded)
 
     # 2. prepare latents --------------------------------------------------------------------------
 
@@ -229,15 +249,24 @@ class SamplingPipeline:
     # 3. denoise ----------------------------------------------------------------------------------
 
     def guided_denoiser(
-        self, context: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, sigmas: torch.Tensor
+        self, context: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, sigmas: torch.Tensor,
+        extra_channels: Optional[torch.Tensor] = None,
     ) -> Callable[[torch.Tensor, float], torch.Tensor]:
         """D(x; σ) with classifier-free guidance (`guidance.guide`) for a run over `sigmas`: one batched
-        forward of x with the [uncond, cond] texts (the text alone at guidance_scale 1)."""
+        forward of x with the [uncond, cond] texts (the text alone at guidance_scale 1). `extra_channels`
+        [B, c, h, w] are appended to the U-Net's input after c_in scaling (an inpainting U-Net's mask and
+        masked-image latent)."""
         text = context if guidance_scale == 1.0 else torch.cat([uncond.expand_as(context), context])
         self.begin_run(text, sigmas)
+        denoiser = self.denoiser
+        if extra_channels is not None:
+            denoiser = Denoiser(
+                lambda x, t, **cond: self._unet(torch.cat([x, extra_channels.to(x.dtype)], dim=1), t, **cond),
+                self.model.schedule,
+            )
 
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            x0 = self.denoiser(x, sigma, key=sigma, text=text)
+            x0 = denoiser(x, sigma, key=sigma, text=text)
             return x0 if guidance_scale == 1.0 else guide(*x0.chunk(2), guidance_scale)
 
         return denoise
@@ -273,8 +302,10 @@ class SamplingPipeline:
         self, jobs: Sequence[ImageJob], settings: SamplingSettings, callback: Optional[Callable[[int, int], None]] = None
     ) -> torch.Tensor:
         """Make one batch (same size, same init): images [B, 3, H, W] float32 in [-1, 1] on the CPU."""
-        context = self.encode_prompts([job.prompt for job in jobs]).to(self.device)
-        uncond = self.encode_prompts([settings.negative_prompt]).to(self.device)
+        texts = self.encode_prompts(
+            [*(job.prompt for job in jobs), settings.negative_prompt], settings.prompt_weighting, settings.clip_skip
+        ).to(self.device)
+        context, uncond = texts[:-1], texts[-1:]
         sigmas = self.sigmas(settings)
         x, generators = self.prepare_latents(jobs, settings, sigmas)
         walk = sigmas[settings.start_index():]
@@ -286,7 +317,10 @@ class SamplingPipeline:
         self, jobs: Sequence[ImageJob], settings: SamplingSettings, batch_size: int = 1, progress: bool = True
     ) -> Iterator[tuple[list[ImageJob], torch.Tensor]]:
         """Run `jobs` in batches (see `plan_batches`), yielding (batch jobs, images) as each finishes."""
-        batches = plan_batches(jobs, batch_size)
+        # images with prompts of other chunk counts are not batched together: padding would change them
+        batches = plan_batches(
+            jobs, batch_size, lambda job: len(self.encode_prompt(job.prompt, settings.prompt_weighting, settings.clip_skip))
+        )
         steps_per_run = len(self.sigmas(settings)) - 1 - settings.start_index()
         bar = tqdm(total=len(batches) * steps_per_run, unit="step", desc="sampling", disable=None if progress else True)
         done = 0

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from ldm_cli.errors import ConfigError, DataError, UsageError
 
 DEFAULT_SAMPLER = "dpmpp_2m"
-SPACINGS = ("leading", "trailing", "linspace")
+SPACINGS = ("leading", "trailing", "linspace", "exponential")
 TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
@@ -37,8 +37,10 @@ class SamplingSettings:
     height: int = 512
     width: int = 512
     strength: float = 1.0  # img2img: the fraction of the σ schedule re-noised; 1 starts from pure noise
-    timestep_spacing: str = "trailing"  # leading | trailing | linspace
+    timestep_spacing: str = "trailing"  # leading | trailing | linspace | exponential (log σ evenly spaced)
     karras_sigmas: bool = False
+    prompt_weighting: bool = True  # A1111's (word:1.2) syntax and BREAK; False reads prompts literally
+    clip_skip: int = 1  # use the N-th CLIP hidden state from the end (1: the last)
 
     @property
     def spacing(self) -> str:
@@ -89,7 +91,9 @@ class SamplingSettings:
         if not 0.0 <= self.strength <= 1.0:
             raise UsageError(f"--strength must be between 0 and 1, got {self.strength}")
         if self.timestep_spacing not in SPACINGS:
-            raise ConfigError(f"timestep_spacing must be leading, trailing or linspace, got {self.timestep_spacing!r}")
+            raise ConfigError(f"timestep_spacing must be one of {', '.join(SPACINGS)}, got {self.timestep_spacing!r}")
+        if self.clip_skip < 1:
+            raise UsageError(f"--clip-skip must be a positive integer, got {self.clip_skip}")
 
     def to_metadata(self) -> dict[str, Any]:
         """The settings as the PNG's "ldm" metadata stores them (eta as the sampler ran it)."""
@@ -97,6 +101,7 @@ class SamplingSettings:
             "negative_prompt": self.negative_prompt, "steps": self.steps, "sampler": self.sampler,
             "eta": self.effective_eta(), "guidance_scale": self.guidance_scale, "timestep_spacing": self.timestep_spacing,
             "karras_sigmas": self.karras_sigmas, "height": self.height, "width": self.width, "strength": self.strength,
+            "prompt_weighting": self.prompt_weighting, "clip_skip": self.clip_skip,
         }
 
     @classmethod
@@ -104,7 +109,8 @@ class SamplingSettings:
         """Settings from a PNG's metadata, each value checked for its type (DataError naming the key);
         `validate` then checks the values."""
         types = {"steps": int, "height": int, "width": int, "guidance_scale": float, "strength": float,
-                 "eta": float, "sampler": str, "negative_prompt": str, "timestep_spacing": str, "karras_sigmas": bool}
+                 "eta": float, "sampler": str, "negative_prompt": str, "timestep_spacing": str, "karras_sigmas": bool,
+                 "prompt_weighting": bool, "clip_skip": int}
         values: dict[str, Any] = {}
         for item in fields(cls):
             if item.name not in meta or (item.name == "eta" and meta[item.name] is None):
@@ -117,6 +123,7 @@ class SamplingSettings:
             if not fits:
                 raise DataError(f"the metadata of {source} has {item.name}={value!r}, not {TYPE_WORDS[kind]}; it cannot be replayed")
             values[item.name] = kind(value)
-        if meta.get("mode") != "img2img":
+        if meta.get("mode") not in ("img2img", "inpaint"):
             values["strength"] = 1.0
+        values.setdefault("prompt_weighting", False)  # images made before prompt weighting existed read prompts literally
         return cls(**values)

@@ -198,13 +198,13 @@ def test_guidance_extrapolates_from_the_negative_prompt(pipe):
 
 def test_each_distinct_prompt_is_encoded_once(model, monkeypatch):
     pipe = SamplingPipeline(model, "cpu", "fp32")
-    encoded: list[list[str]] = []
-    encode = model.text_encoder.encode
-    monkeypatch.setattr(model.text_encoder, "encode", lambda prompts: encoded.append(list(prompts)) or encode(prompts))
+    encoded: list[str] = []
+    encode = model.text_encoder.encode_prompt
+    monkeypatch.setattr(model.text_encoder, "encode_prompt", lambda prompt, *options: encoded.append(prompt) or encode(prompt, *options))
     jobs = [ImageJob("a", 1), ImageJob("b", 2), ImageJob("a", 3)]
     for _ in pipe.generate(jobs, SamplingSettings(steps=2, **SIZE), batch_size=2, progress=False):
         pass
-    assert encoded == [["a"], ["b"], [""]]  # each alone, so an embedding never depends on its batch
+    assert encoded == ["a", "b", ""]  # each alone, so an embedding never depends on its batch
 
 
 def test_img2img_strength_zero_is_the_reconstruction_and_one_ignores_the_init(pipe):
@@ -346,3 +346,31 @@ def test_image_size_must_be_a_multiple_of_the_downsampling_factor(model):
 )
 def test_plan_init_size(size, height, width, expected):
     assert plan_init_size(size, factor=2, resolution=16, height=height, width=width) == expected
+
+
+# ---- long and weighted prompts ----
+
+LONG_PROMPT = "a (red:1.3) square on a blue sky"  # 21 byte tokens: two chunks of the tiny encoder's 14
+
+
+def test_short_prompts_are_padded_with_empty_chunks_to_the_longest(pipe):
+    texts = pipe.encode_prompts([LONG_PROMPT, "", "a cat"])
+    empty = pipe.model.text_encoder.encode([""])[0]
+    assert texts.shape == (3, 32, 32)
+    assert torch.equal(texts[0], pipe.encode_prompt(LONG_PROMPT))
+    assert torch.equal(texts[1], torch.cat([empty, empty]))
+    assert torch.equal(texts[2, :16], pipe.model.text_encoder.encode(["a cat"])[0])
+    assert torch.equal(texts[2, 16:], empty)
+
+
+def test_a_long_prompt_image_is_the_same_alone_and_in_a_batch(pipe):
+    settings = SamplingSettings(steps=2, sampler="unipc", negative_prompt="blurry", **SIZE)
+    jobs = [ImageJob(LONG_PROMPT, 1), ImageJob("a cat", 2), ImageJob(LONG_PROMPT, 3)]
+    batches = [(batch, images) for batch, images in pipe.generate(jobs, settings, batch_size=3, progress=False)]
+    # prompts of other chunk counts never share a batch: padding them would change the short one
+    assert [[job.seed for job in batch] for batch, _ in batches] == [[1], [2], [3]]
+    alone = pipe([ImageJob(LONG_PROMPT, 1)], settings)
+    torch.testing.assert_close(batches[0][1], alone, rtol=0, atol=0)
+    literal = pipe([ImageJob(LONG_PROMPT, 1)], SamplingSettings(steps=2, sampler="unipc", negative_prompt="blurry",
+                                                                 prompt_weighting=False, **SIZE))
+    assert not torch.allclose(literal, alone)

@@ -1,5 +1,6 @@
 """Samplers, the Denoiser and get_sigmas: against diffusers' schedulers, closed-form Gaussians and each other."""
 
+import inspect
 import math
 
 import pytest
@@ -10,6 +11,8 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+    UniPCMultistepScheduler,
 )
 
 from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -28,7 +31,9 @@ from ldm_cli.sampling.samplers import (
 )
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-STOCHASTIC = {"euler_ancestral": {}, "dpmpp_2m_sde": {}, "ddim": {"eta": 1.0}, "ddpm": {}}
+STOCHASTIC = {
+    "euler_ancestral": {}, "dpmpp_2m_sde": {}, "ddim": {"eta": 1.0}, "ddpm": {}, "dpmpp_sde": {}, "dpmpp_3m_sde": {}
+}
 
 
 def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -39,9 +44,12 @@ def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def run_diffusers(scheduler, x: torch.Tensor, steps: int, generator=None, **step_options) -> torch.Tensor:
     scheduler.set_timesteps(steps)
+    if "generator" in inspect.signature(scheduler.step).parameters:  # the deterministic ones take none
+        step_options["generator"] = generator
+    x = x * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         model_output = model_fn(scheduler.scale_model_input(x, t), t)
-        x = scheduler.step(model_output, t, x, generator=generator, **step_options).prev_sample
+        x = scheduler.step(model_output, t, x, **step_options).prev_sample
     return x
 
 
@@ -52,7 +60,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 # diffusers settings under which both sides walk the same timesteps and end at σ = 0
 DDIM_LIKE_OURS = dict(set_alpha_to_one=True, clip_sample=False, steps_offset=1)
 DPMPP_2M = dict(solver_order=2, final_sigmas_type="zero")
-VP_SCHEDULERS = (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler)  # their x is x_t, not x_0 + σ ε
+VP_SCHEDULERS = (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler)  # their x is x_t, not x_0 + σ ε
 
 # our sampler, its options, the diffusers scheduler and its settings, prediction type, our sigma spacing
 DIFFUSERS_CASES = [
@@ -82,6 +90,25 @@ DIFFUSERS_CASES = [
         "dpmpp_2m_sde", {}, DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++", **DPMPP_2M),
         "v_prediction", "trailing", id="dpmpp_2m_sde",
     ),
+    pytest.param(
+        "dpmpp_3m_sde", {}, DPMSolverMultistepScheduler,
+        dict(algorithm_type="sde-dpmsolver++", solver_order=3, final_sigmas_type="zero"), "epsilon", "trailing",
+        id="dpmpp_3m_sde",
+    ),
+    pytest.param("unipc", {}, UniPCMultistepScheduler, {}, "epsilon", "trailing", id="unipc-epsilon"),
+    pytest.param("unipc", {}, UniPCMultistepScheduler, {}, "v_prediction", "trailing", id="unipc-v"),
+    pytest.param(
+        "unipc", {"order": 3}, UniPCMultistepScheduler, dict(solver_order=3), "epsilon", "trailing", id="unipc-order3"
+    ),
+    pytest.param(
+        "unipc", {}, UniPCMultistepScheduler, dict(use_karras_sigmas=True), "v_prediction", "karras", id="unipc-karras"
+    ),
+    pytest.param("lms", {}, LMSDiscreteScheduler, dict(steps_offset=1), "epsilon", "leading", id="lms-epsilon"),
+    pytest.param("lms", {}, LMSDiscreteScheduler, dict(use_karras_sigmas=True), "v_prediction", "karras", id="lms-karras"),
+    pytest.param(
+        "euler", {}, EulerDiscreteScheduler, dict(use_exponential_sigmas=True), "epsilon", "exponential",
+        id="euler-exponential",
+    ),
 ]
 
 
@@ -92,18 +119,45 @@ def test_sampler_matches_diffusers(name, options, scheduler_class, scheduler_opt
     scheduler = scheduler_class(
         **SD_BETAS,
         prediction_type=prediction_type,
-        timestep_spacing="linspace" if spacing == "karras" else spacing,  # karras: between the schedule's ends
+        # karras / exponential: between the schedule's ends
+        timestep_spacing="linspace" if spacing in ("karras", "exponential") else spacing,
         **scheduler_options,
     )
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    expected = run_diffusers(scheduler, x, 10, generator=torch.Generator().manual_seed(5), **options)
+    step_options = {} if scheduler_class in (UniPCMultistepScheduler, LMSDiscreteScheduler) else options
+    expected = run_diffusers(scheduler, x, 10, generator=torch.Generator().manual_seed(5), **step_options)
+    if scheduler_class not in VP_SCHEDULERS:
+        x = x * scheduler.init_noise_sigma
 
     schedule = NoiseSchedule(ScheduleConfig(prediction_type=prediction_type))
     sigmas = get_sigmas(schedule, 10, spacing)
     # VP schedulers start from x_T = ε, which is x = ε · sqrt(σ_T² + 1) in the VE view the samplers use
     x_start = x * math.sqrt(sigmas[0].item() ** 2 + 1) if scheduler_class in VP_SCHEDULERS else x
-    denoiser = Denoiser(model_fn, schedule)
+    # diffusers' UniPC rounds the timesteps of off-grid (karras) σ's for the network
+    denoiser = Denoiser(model_fn, schedule, quantize=scheduler_class is UniPCMultistepScheduler and spacing == "karras")
     actual = SAMPLERS[name](denoiser, x_start, sigmas, generator=torch.Generator().manual_seed(5), **options)
+    assert relative_error(actual, expected) < 1e-5
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_dpmpp_sde_matches_diffusers_given_the_same_noise(prediction_type):
+    from diffusers import DPMSolverSDEScheduler  # needs torchsde
+
+    scheduler = DPMSolverSDEScheduler(**SD_BETAS, prediction_type=prediction_type, use_karras_sigmas=True)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    scheduler.set_timesteps(10)
+    # diffusers draws its noise from a Brownian tree; handing it our stream compares the arithmetic
+    diffusers_generator = torch.Generator().manual_seed(5)
+    scheduler.noise_sampler = lambda sigma, sigma_next: torch.randn(x.shape, generator=diffusers_generator)
+    expected = x * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        expected = scheduler.step(model_fn(scheduler.scale_model_input(expected, t), t), t, expected).prev_sample
+
+    schedule = NoiseSchedule(ScheduleConfig(prediction_type=prediction_type))
+    sigmas = get_sigmas(schedule, 10, "karras")
+    actual = SAMPLERS["dpmpp_sde"](
+        Denoiser(model_fn, schedule), x * sigmas[0], sigmas, generator=torch.Generator().manual_seed(5)
+    )
     assert relative_error(actual, expected) < 1e-5
 
 
@@ -195,7 +249,7 @@ def test_karras_sigmas_endpoints_and_diffusers():
     torch.testing.assert_close(sigmas, scheduler.sigmas)
 
 
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace", "karras"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace", "karras", "exponential"])
 @pytest.mark.parametrize("steps", [1, 2, 7, 50])
 def test_get_sigmas_length_order_and_end(spacing, steps):
     sigmas = get_sigmas(NoiseSchedule(ScheduleConfig()), steps, spacing)
@@ -213,7 +267,7 @@ def test_grid_sigmas_are_the_schedule_sigmas_at_the_timesteps():
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda s: get_sigmas(s, 10, "exponential"), "spacing"),
+        (lambda s: get_sigmas(s, 10, "cosine"), "spacing"),
         (lambda s: get_sigmas(s, 0, "leading"), "steps"),
         (lambda s: get_sigmas(s, 0, "karras"), "steps"),
         (lambda s: get_sigmas(s, 1001, "trailing"), "steps"),
@@ -249,6 +303,10 @@ def exact_ode_solution(x: torch.Tensor, sigma_from: float, sigma_to: float) -> t
         ("heun", {}, 2),
         ("dpmpp_2m", {}, 2),
         ("dpmpp_2m_sde", {"eta": 0.0}, 2),
+        ("unipc", {}, 2),
+        ("unipc", {"order": 3}, 3),
+        ("lms", {}, 4),
+        ("dpmpp_sde", {"eta": 0.0}, 2),
     ],
 )
 def test_deterministic_samplers_converge_to_the_exact_ode_solution(name, options, order):
