@@ -22,7 +22,7 @@ from ldm_cli.bundle import Bundle
 from ldm_cli.config import TrainLoraConfig, from_dict
 from ldm_cli.diffusion.load import load_latent_diffusion, text_encoder_config
 from ldm_cli.diffusion.schedule import ScheduleConfig
-from ldm_cli.diffusion.train import DiffusionTrainer, TextConditioning, _cache_matches
+from ldm_cli.diffusion.train import DiffusionTrainer, TextConditioning, _cache_matches, check_base_autoencoder
 from ldm_cli.diffusion.unet import UNet
 from ldm_cli.errors import ConfigError, IncompatibleError
 from ldm_cli.latents.dataset import LatentDataset, collate_latents
@@ -98,11 +98,7 @@ def _train_lora(
 ) -> Path:
     data = LatentDataset(latents)
     base = load_latent_diffusion(base_path)
-    if base.autoencoder.bundle.content_hash != data.autoencoder_hash:
-        raise IncompatibleError(
-            f"latents in {latents} were encoded with autoencoder {data.autoencoder_hash[:12]}, but {base_path} uses "
-            f"{base.autoencoder.bundle.content_hash[:12]}; encode with `ldm encode --vae {base_path}`"
-        )
+    check_base_autoencoder(data, latents, base, base_path)
     # the base model decides the architecture, schedule and text encoder
     config.unet, config.text_encoder = base.unet.config, text_encoder_config(base.bundle)
     config.schedule = from_dict(base.bundle.meta["schedule"], ScheduleConfig)

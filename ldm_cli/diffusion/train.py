@@ -290,6 +290,15 @@ def check_compatible(config: TrainDiffusionConfig, data: LatentDataset, text_wid
             )
 
 
+def check_base_autoencoder(data: LatentDataset, latents: Path, base: Any, base_path: Path) -> None:
+    """A base model (fine-tuning, LoRA) must use the autoencoder the latents were encoded with."""
+    if base.autoencoder.bundle.content_hash != data.autoencoder_hash:
+        raise IncompatibleError(
+            f"latents in {latents} were encoded with autoencoder {data.autoencoder_hash[:12]}, but {base_path} uses "
+            f"{base.autoencoder.bundle.content_hash[:12]}; encode with `ldm encode --vae {base_path}`"
+        )
+
+
 def train_unet(
     config: TrainDiffusionConfig,
     latents: Path,
@@ -319,11 +328,7 @@ def _train_unet(
     data = LatentDataset(latents)
     if init_from is not None:  # fine-tuning keeps the base model's architecture, schedule and encoder
         base = load_latent_diffusion(init_from)
-        if base.autoencoder.bundle.content_hash != data.autoencoder_hash:
-            raise IncompatibleError(
-                f"latents in {latents} were encoded with autoencoder {data.autoencoder_hash[:12]}, but {init_from} uses "
-                f"{base.autoencoder.bundle.content_hash[:12]}; encode with `ldm encode --vae {init_from}`"
-            )
+        check_base_autoencoder(data, latents, base, init_from)
         config.unet, config.text_encoder = base.unet.config, text_encoder_config(base.bundle)
         config.schedule = from_dict(base.bundle.meta["schedule"], ScheduleConfig)
         init_weights = base.unet.state_dict()
