@@ -55,8 +55,8 @@ def test_photo_folder_to_portrait_and_landscape_samples(photos_dir, tmp_path):
     common = ["--latents", tmp_path / "latents", "--device", "cpu"]
     cli("train-diffusion", *common, "--out", tmp_path / "straight", *UNET, *TRAIN, "train.max_steps=4")
     cli("train-diffusion", *common, "--out", tmp_path / "resumed", *UNET, *TRAIN, "train.max_steps=2")
-    # the same command line with more steps resumes from the step-2 checkpoint
-    resumed_output = cli("train-diffusion", *common, "--out", tmp_path / "resumed", *UNET, *TRAIN, "train.max_steps=4")
+    # the same command line with more steps and --resume continues from the step-2 checkpoint
+    resumed_output = cli("train-diffusion", *common, "--out", tmp_path / "resumed", *UNET, *TRAIN, "train.max_steps=4", "--resume")
     assert "(step 2)" in resumed_output
     straight = load_bundle(tmp_path / "straight", kind="latent-diffusion").tensors("unet")
     resumed = load_bundle(tmp_path / "resumed", kind="latent-diffusion").tensors("unet")
@@ -77,3 +77,17 @@ def test_photo_folder_to_portrait_and_landscape_samples(photos_dir, tmp_path):
             "--height", height, "--width", width, "--device", "cpu", "--out", out)
         (image,) = out.glob("*.png")
         assert Image.open(image).size == (width, height)
+
+
+@pytest.mark.slow
+def test_resume_with_only_more_steps_uses_the_runs_own_text_encoder(photos_dir, tmp_path):
+    # the run uses text_encoder=tiny; `--resume train.max_steps=N` alone must not load the default encoder
+    config = AutoencoderConfig(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4)
+    meta = {"autoencoder": to_dict(config), "latent_scale": 0.5, "latent_shift": 0.0, "resolution": 32}
+    write_bundle(tmp_path / "vae", "autoencoder", {"autoencoder": AutoencoderKL(config).state_dict()}, meta)
+    cli("encode", "--vae", tmp_path / "vae", "--data", photos_dir, "--out", tmp_path / "latents", "--buckets",
+        *BUCKET_OVERRIDES, "text_encoder=tiny", "text_encoder.max_length=16")
+    common = ["--latents", tmp_path / "latents", "--device", "cpu", "--out", tmp_path / "run"]
+    cli("train-diffusion", *common, *UNET, *TRAIN, "train.max_steps=2")
+    assert "(step 2)" in cli("train-diffusion", *common, "--resume", "train.max_steps=3")
+    assert (tmp_path / "run" / "bundle").is_dir()

@@ -38,7 +38,7 @@ from ldm_cli.training.master_weights import MasterWeights
 from ldm_cli.training.optim import build_lr_schedule, build_optimizer
 from ldm_cli.training.optimizer_state import load_optimizer_state, optimizer_state
 from ldm_cli.training.precision import autocast, deterministic_kernels, grad_scaler, resolve_device, resolve_precision
-from ldm_cli.training.run_dir import claim_run, open_run
+from ldm_cli.training.run_dir import claim_run, open_run, saved_config
 
 
 class TextConditioning:
@@ -338,6 +338,9 @@ def _train_unet(
             f"latents in {latents} were encoded with autoencoder {data.autoencoder_hash[:12]}, but {data.autoencoder_path} "
             f"now holds {autoencoder.bundle.content_hash[:12]}; re-encode with `ldm encode`"
         )
+    saved = saved_config(out, TrainDiffusionConfig) if resume else None
+    if saved is not None and not any(o.split("=", 1)[0].lstrip("+~") == "text_encoder" for o in overrides):
+        config.text_encoder = saved.text_encoder  # --resume continues with the run's own text encoder
     text_encoder = load_text_encoder(config.text_encoder, device=device)
     check_compatible(config, data, text_encoder.width, overrides)
     # decides without writing (a failed start leaves --out untouched); every process reads the same directory

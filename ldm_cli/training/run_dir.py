@@ -81,6 +81,12 @@ def open_run(
     return config, CheckpointManager(out).latest() is not None
 
 
+def saved_config(out: Path, config_type: type) -> Any | None:
+    """The config a run in `out` was saved with, or None when `out` holds no run yet."""
+    saved_file = Path(out) / CONFIG_FILE
+    return from_dict(read_saved(saved_file)["config"], config_type) if saved_file.is_file() else None
+
+
 def resumed_config(saved: Any, fresh: Any, overrides: list[str]) -> Any:
     """The saved config with the overrides on top: a config-group choice (`unet=tiny`) takes that
     section from the freshly composed config, `key=value` overrides apply as they are."""
