@@ -25,7 +25,8 @@ from ldm_cli.data.images import tensor_to_pil
 from ldm_cli.errors import DataError, UsageError
 from ldm_cli.config import SampleConfig
 from ldm_cli.sampling import commands
-from ldm_cli.sampling.commands import InitImage, SampleRequest, Written
+from ldm_cli.sampling.commands import SampleRequest, Written
+from ldm_cli.sampling.init_images import InitImage, inspect_init_image, list_init_images
 from ldm_cli.sampling.pipeline import ImageJob, InitLatent, SamplingPipeline, SamplingSettings
 from ldm_cli.sampling.samplers import sample
 
@@ -216,10 +217,10 @@ def run_inpaint(request: SampleRequest, options: InpaintOptions, config: SampleC
     limits = commands.limits_of(config)
     settings.height, settings.width = request.height or settings.height, request.width or settings.width
     settings.validate(limits=limits)
-    init_path = commands.list_init_images(request.init)[0]
+    init_path = list_init_images(request.init)[0]
     model = commands._load_model(request.model, device, inpainting_ok=True)
     settings.validate(model.schedule.num_train_timesteps, limits)
-    init = commands.inspect_init_image(init_path, model, request.height, request.width)
+    init = inspect_init_image(init_path, model, request.height, request.width)
     mask = load_mask(options.mask, init.path, init.original_size, init.resized_to, init.size)
     seed = commands.resolve_seed(request.seed, len(prompts) * request.num_images)
     for note in (init.note(), mask.note):
@@ -265,7 +266,7 @@ def replay_inpaint(
     model = commands._load_model(request.model, device, inpainting_ok=True)
     commands.check_replay_model(model, request.model, meta, image, device, settings, limits)
     resized_to = tuple(meta["init_resized_to"]) if meta.get("init_resized_to") else None
-    plan = commands.inspect_init_image(init_path, model, settings.height, settings.width, resized_to, replay=True)
+    plan = inspect_init_image(init_path, model, settings.height, settings.width, resized_to, replay=True)
     loaded_mask = load_mask(mask_source, plan.path, plan.original_size, plan.resized_to, plan.size)
     if loaded_mask.sha256 != meta["mask_sha256"]:
         raise DataError(f"{mask_source} is not the mask {image} was made with (its sha256 differs)")

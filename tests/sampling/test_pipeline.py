@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffu
 from ldm_cli.diffusion.load import load_latent_diffusion
 from ldm_cli.errors import ConfigError, UsageError
 from ldm_cli.sampling import pipeline as pipeline_module
-from ldm_cli.sampling.commands import plan_init_size
+from ldm_cli.sampling.init_images import plan_init_size
 from ldm_cli.sampling.denoiser import Denoiser, get_timesteps
 from ldm_cli.sampling.guidance import guide
 from ldm_cli.sampling.pipeline import (
