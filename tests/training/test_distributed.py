@@ -9,11 +9,18 @@ import textwrap
 import pytest
 
 SCRIPT = """
+import os
+
 import torch
 import torch.distributed as dist
 
 from ldm_cli.errors import DataError
 from ldm_cli.training.distributed import MainProcessFailed, distributed, on_main
+
+
+def say(line):
+    # one write per line: the two processes share one pipe, and print's separate writes interleave
+    os.write(1, (line + "\\n").encode())
 
 
 def bug():
@@ -28,15 +35,15 @@ with distributed(torch.device("cpu"), timeout_minutes=1) as info:
     try:
         on_main(info, bug)
     except RuntimeError as error:
-        print(f"rank{info.rank} RuntimeError {error}")
+        say(f"rank{info.rank} RuntimeError {error}")
     except MainProcessFailed as error:
-        print(f"rank{info.rank} MainProcessFailed {error}")
+        say(f"rank{info.rank} MainProcessFailed {error}")
     try:
         on_main(info, bad_data)
     except DataError as error:
-        print(f"rank{info.rank} DataError {error}")
-    print(f"rank{info.rank} value {on_main(info, lambda: 42)}")
-print(f"rank{info.rank} initialized {dist.is_initialized()}")
+        say(f"rank{info.rank} DataError {error}")
+    say(f"rank{info.rank} value {on_main(info, lambda: 42)}")
+say(f"rank{info.rank} initialized {dist.is_initialized()}")
 """
 
 
