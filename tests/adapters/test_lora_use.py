@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ldm_cli import cli
 from ldm_cli.adapters.files import KOHYA, PEFT, LoraSpec, read_lora_file
 from ldm_cli.adapters.kohya import write_kohya_file
 from ldm_cli.adapters.layers import LoraLayer
@@ -21,7 +19,7 @@ from ldm_cli.bundle import file_sha256, load_bundle
 from ldm_cli.diffusion.load import load_latent_diffusion
 from ldm_cli.errors import IncompatibleError, UsageError
 from ldm_cli.sampling.metadata import PARAMETERS_KEY, read_metadata
-from tests.sampling.helpers import write_tiny_latent_diffusion
+from tests.sampling.helpers import pixels, write_tiny_latent_diffusion
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"  # [32, 32] (context width 32)
 CONV = "down_blocks.1.resnets.0.conv1"  # [64, 32, 3, 3]
@@ -127,25 +125,6 @@ def test_prompt_tags_name_lora_files(kohya_file, tmp_path, monkeypatch):
     assert lora_specs([], ["x <lora:style>"])[1] == [LoraSpec(Path("style.safetensors"), 1.0)]
     with pytest.raises(UsageError, match="<lora:nothere>"):
         lora_specs([], ["<lora:nothere:1>"])
-
-
-@pytest.fixture
-def ldm(monkeypatch, capsys):
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["ldm", *map(str, args)])
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as exit:
-            code = exit.code or 0
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-    return run
-
-
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 SAMPLE = ["--steps", "3", "--seed", "3", "--precision", "fp32", "--device", "cpu"]

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL
 from ldm_cli.bundle import write_bundle
@@ -78,3 +80,9 @@ def write_tiny_latent_diffusion(
         directory, unet_weights, unet_config, schedule or ScheduleConfig(), text_config, text_encoder, autoencoder_bundle
     )
     return bundle.path
+
+
+def pixels(path: Path) -> np.ndarray:
+    """An image file's RGB pixels."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))

@@ -10,8 +10,7 @@ import torch
 from ldm_cli.diffusion.load import load_latent_diffusion
 from ldm_cli.sampling.metadata import read_metadata
 from ldm_cli.sampling.pipeline import ImageJob, SamplingPipeline, SamplingSettings
-from tests.sampling.helpers import write_tiny_latent_diffusion
-from tests.sampling.test_sample_cli import ldm, pixels  # noqa: F401 - the CLI-runner fixture
+from tests.sampling.helpers import pixels, write_tiny_latent_diffusion
 
 SETTINGS = SamplingSettings(steps=3, guidance_scale=5.0, sampler="euler", height=16, width=16)
 JOBS = [ImageJob("a red circle", 7), ImageJob("a blue square", 8)]

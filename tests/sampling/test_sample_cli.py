@@ -12,37 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from ldm_cli import cli
 from ldm_cli.bundle import file_sha256
 from ldm_cli.sampling.metadata import read_metadata
-from tests.sampling.helpers import write_tiny_latent_diffusion
+from tests.sampling.helpers import pixels, write_tiny_latent_diffusion
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return write_tiny_latent_diffusion(tmp_path_factory.mktemp("cli") / "model")
-
-
-@pytest.fixture
-def ldm(monkeypatch, capsys):
-    """Run `ldm ARGS` through cli.main (as the console script does): (exit code, stdout, stderr)."""
-
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["ldm", *map(str, args)])
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as exit:
-            code = exit.code or 0
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
-
-
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def test_sample_writes_pngs_with_metadata_and_never_overwrites(ldm, model_dir, tmp_path):
