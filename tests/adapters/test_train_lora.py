@@ -3,6 +3,9 @@ with `lora.train_text_encoder`, the text encoder's adapters too."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,3 +205,28 @@ def test_adapted_conditioning_encodes_dropped_captions_through_the_adapters_with
     grads = [p.grad for name, p in encoder.model.named_parameters() if ".lora_" in name]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None for name, p in encoder.model.named_parameters() if ".lora_" not in name)
+
+
+@pytest.mark.slow
+def test_two_processes_train_both_adapter_sets_like_one(base_and_latents, tmp_path):
+    """Under torchrun the U-Net's adapters are synchronised by DDP and the text encoder's by an all-reduce:
+    two processes of 2 images train what one process of 4 does."""
+    from tests.diffusion.test_train_diffusion import _free_port
+
+    base, latents = base_and_latents
+    common = [*TRAIN, *TEXT, "train.max_steps=2", "objective.caption_dropout=0.5", "lora.text_encoder_lr=5e-3"]
+    single = run(base, latents, tmp_path / "single", common)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "ldm_cli.cli",
+        "train-lora", "--latents", str(latents), "--base", str(base), "--out", str(tmp_path / "ddp"), "--device", "cpu",
+        *common, "train.batch_size=2",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ours, theirs = read_lora_file(single).layers, read_lora_file(tmp_path / "ddp" / "lora.safetensors").layers
+    assert sorted(ours) == sorted(theirs) and any(name.startswith("lora_te_") for name in ours)
+    for name, layer in ours.items():
+        # Adam turns summation-order noise in near-zero gradients into up to lr per element; the rest agrees tightly
+        torch.testing.assert_close(theirs[name].up, layer.up, rtol=1e-3, atol=2e-4, msg=lambda m: name + m)
+        torch.testing.assert_close(theirs[name].down, layer.down, rtol=1e-3, atol=2e-4, msg=lambda m: name + m)
