@@ -271,9 +271,9 @@ def _train_lora(
     trainer = LoraTrainer(config, data, autoencoder, conditioning, device, dist, base.unet.state_dict(), base=base.bundle, run_dir=out)
     if dist.is_main:
         trainable = sum(p.numel() for p in trainer._parameters())
-        text = f" + {len(adapted_modules(trainer.text_model))} in the text encoder" if trainer.text_model is not None else ""
-        print(f"LoRA: {len(adapted_modules(trainer.unet))} layers{text} ({config.lora.targets}), rank {config.lora.rank}, "
-              f"{trainable:,} trainable parameters of {trainer.unet.num_parameters():,} in the U-Net")
+        text = f" + {len(adapted_modules(trainer.text_model))} text-encoder" if trainer.text_model is not None else ""
+        print(f"LoRA: {len(adapted_modules(trainer.unet))} U-Net{text} layers ({config.lora.targets}), rank {config.lora.rank}: "
+              f"{trainable:,} trainable parameters (the U-Net has {trainer.unet.num_parameters():,})")
     lock = on_main(dist, lambda: claim_run(out, "train-lora", config))  # everything is checked: only now is --out written
     try:
         train_loop(trainer, data, config.train, out, dist, collate=collate_latents, description="train-lora",

@@ -230,3 +230,18 @@ def test_two_processes_train_both_adapter_sets_like_one(base_and_latents, tmp_pa
         # Adam turns summation-order noise in near-zero gradients into up to lr per element; the rest agrees tightly
         torch.testing.assert_close(theirs[name].up, layer.up, rtol=1e-3, atol=2e-4, msg=lambda m: name + m)
         torch.testing.assert_close(theirs[name].down, layer.down, rtol=1e-3, atol=2e-4, msg=lambda m: name + m)
+
+
+@pytest.mark.slow
+def test_init_from_continues_both_adapter_sets(base_and_latents, tmp_path):
+    base, latents = base_and_latents
+    start = run(base, latents, tmp_path / "start", [*TEXT, "train.max_steps=2", "train.warmup_steps=0"])
+    # warm-up runs step 0 at lr 0: one step later the adapters are still the file's
+    continued = run(base, latents, tmp_path / "continued", [*TEXT, "train.max_steps=1", f"lora.init_from={start}"])
+    layers, again = read_lora_file(start).layers, read_lora_file(continued).layers
+    assert sorted(again) == sorted(layers) and any(name.startswith("lora_te_") for name in layers)
+    for name, layer in layers.items():
+        torch.testing.assert_close(again[name].up, layer.up, rtol=0, atol=0)
+        torch.testing.assert_close(again[name].down, layer.down, rtol=0, atol=0)
+    with pytest.raises(IncompatibleError, match="has text-encoder layers; set lora.train_text_encoder=true"):
+        run(base, latents, tmp_path / "unet-only", ["train.max_steps=1", f"lora.init_from={start}"])
