@@ -36,7 +36,7 @@ from ldm_cli.diffusion.text import TextEncoder, load_text_encoder
 from ldm_cli.errors import ConfigError, DataError
 from ldm_cli.latents.dataset import FORMAT, INDEX_FILE, UNCOND_FILE, shard_files
 from ldm_cli.latents.index import build_index, check_existing, remove_stale_temporaries, scan, shard_meta
-from ldm_cli.latents.plan import batches_of, bucket_targets, plan_batches, shard_items, shards_for_rank
+from ldm_cli.latents.plan import batches_of, bucket_targets, plan_batches, shard_items, shards_for_rank, square_plan
 from ldm_cli.latents.shards import ShardBuffer, empty_arrays, write_json_atomic, write_npy_atomic, write_shard
 from ldm_cli.training.distributed import DistInfo, barrier, device_for, distributed, on_main
 from ldm_cli.training.precision import autocast, resolve_device, resolve_precision
@@ -165,7 +165,7 @@ def _encode_dataset(
         latent_shape = [channels, height // factor, width // factor]
     else:
         targets, spec = None, None
-        plan = [list(shard_items(k, config.shard_size, len(images))) for k in range(math.ceil(len(images) / config.shard_size))]
+        plan = square_plan(len(images), config.shard_size)
         latent_shape = [channels, resolution // factor, resolution // factor]
         sizes, shard_shapes = [(resolution, resolution)] * len(plan), [latent_shape] * len(plan)
     num_shards = len(plan)

@@ -1,4 +1,4 @@
-"""Which items go into which shard, and which shards each process encodes: pure functions.
+"""Which items go into which shard, and which shards each process encodes.
 
 Shard k of a square set holds the folder's items [k * shard_size, (k + 1) * shard_size) in
 sorted-path order, so the split is the same on every run and on every process. With
@@ -8,6 +8,7 @@ bucket's items (in folder order) in chunks of shard_size, buckets in size order.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ldm_cli.config import EncodeConfig
@@ -26,10 +27,14 @@ def shard_items(number: int, shard_size: int, num_items: int) -> range:
     return range(number * shard_size, min((number + 1) * shard_size, num_items))
 
 
+def square_plan(num_items: int, shard_size: int) -> list[list[int]]:
+    """The items of every shard of a set without buckets: runs of `shard_size` in folder order."""
+    return [list(shard_items(number, shard_size, num_items)) for number in range(math.ceil(num_items / shard_size))]
+
+
 def plan_batches(shards: list[int], shard_size: int, num_items: int, batch_size: int) -> list[list[int]]:
     """Batches of item indices, in order, none crossing a shard boundary."""
-    plan = [list(shard_items(number, shard_size, num_items)) for number in range(max(shards, default=-1) + 1)]
-    return batches_of(plan, shards, batch_size)
+    return batches_of(square_plan(num_items, shard_size), shards, batch_size)
 
 
 def batches_of(plan: list[list[int]], shards: list[int], batch_size: int) -> list[list[int]]:
