@@ -14,7 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # verified weight hashes go to a folder of this test run, not the user's cache
 os.environ.setdefault("LDM_CACHE_DIR", tempfile.mkdtemp(prefix="ldm-test-cache-"))
-# tests run in parallel (pytest -n 2): one intra-op thread per worker avoids oversubscription
+# tests run in parallel (pytest -n 2) on tiny models: one intra-op thread per worker, as extra
+# threads only spin; every test module (U-Net, backends, ...) relies on this one setting
 torch.set_num_threads(1)
 
 
