@@ -89,9 +89,14 @@ def resolve_seed(seed: int, count: int) -> int:
     return seed
 
 
-def sampling_settings(request: SampleRequest, config: SampleConfig, strength: float) -> SamplingSettings:
-    """The run's settings from its options and the sample config (height and width filled in later)."""
-    return SamplingSettings(
+def resolve_run(
+    request: SampleRequest, config: SampleConfig, strength: float
+) -> tuple[torch.device, str, SamplingSettings, SamplingLimits]:
+    """Device, precision, and the run's settings checked against the config's limits (the model's own
+    step limit and image size are checked once it is loaded)."""
+    device = resolve_device(request.device)
+    precision = resolve_precision(request.precision, device)
+    settings = SamplingSettings(
         steps=request.steps,
         guidance_scale=request.guidance_scale,
         sampler=request.sampler,
@@ -103,6 +108,10 @@ def sampling_settings(request: SampleRequest, config: SampleConfig, strength: fl
         prompt_weighting=request.prompt_weighting,
         clip_skip=request.clip_skip,
     )
+    limits = limits_of(config)
+    settings.height, settings.width = request.height or settings.height, request.width or settings.width
+    settings.validate(limits=limits)
+    return device, precision, settings, limits
 
 
 def limits_of(config: SampleConfig) -> SamplingLimits:
@@ -197,12 +206,7 @@ def run_sample(request: SampleRequest, config: SampleConfig) -> Written:
     """`ldm sample`: text → images."""
     prompts = read_prompts(request.prompts, request.prompt_file)
     check_counts(request, config)
-    device = resolve_device(request.device)
-    precision = resolve_precision(request.precision, device)
-    settings = sampling_settings(request, config, strength=1.0)
-    limits = limits_of(config)
-    settings.height, settings.width = request.height or settings.height, request.width or settings.width
-    settings.validate(limits=limits)  # the model's own step limit is checked once it is loaded
+    device, precision, settings, limits = resolve_run(request, config, strength=1.0)
     prompts, loras = _loras(request, prompts)
     model = load_model(request.model, device, precision, loras)
     settings.height = request.height or model.resolution
@@ -228,12 +232,7 @@ def run_img2img(request: SampleRequest, config: SampleConfig) -> Written:
     check_counts(request, config)
     if request.init is None:
         raise UsageError("--init is required (an image or a folder of images)")
-    device = resolve_device(request.device)
-    precision = resolve_precision(request.precision, device)
-    settings = sampling_settings(request, config, strength=request.strength)
-    limits = limits_of(config)
-    settings.height, settings.width = request.height or settings.height, request.width or settings.width
-    settings.validate(limits=limits)
+    device, precision, settings, limits = resolve_run(request, config, strength=request.strength)
     init_paths = list_init_images(request.init)
     prompts, loras = _loras(request, prompts)
     model = load_model(request.model, device, precision, loras)

@@ -25,8 +25,8 @@ from ldm_cli.data.images import tensor_to_pil
 from ldm_cli.errors import DataError, UsageError
 from ldm_cli.config import SampleConfig
 from ldm_cli.sampling.commands import (
-    SampleRequest, base_metadata, check_counts, limits_of, load_model, make_pipeline, read_prompts, resolve_seed,
-    sampling_settings,
+    SampleRequest, base_metadata, check_counts, limits_of, load_model, make_pipeline, read_prompts, resolve_run,
+    resolve_seed,
 )
 from ldm_cli.sampling.init_images import InitImage, inspect_init_image, list_init_images
 from ldm_cli.sampling.output import OutputFolder, Written, grid_columns
@@ -216,12 +216,7 @@ def run_inpaint(request: SampleRequest, options: InpaintOptions, config: SampleC
         raise UsageError(f"--init {request.init} is a folder; ldm inpaint takes one image (and its --mask)")
     if options.mask_blur < 0:
         raise UsageError(f"--mask-blur must be >= 0 pixels, got {options.mask_blur}")
-    device = resolve_device(request.device)
-    precision = resolve_precision(request.precision, device)
-    settings = sampling_settings(request, config, strength=request.strength)
-    limits = limits_of(config)
-    settings.height, settings.width = request.height or settings.height, request.width or settings.width
-    settings.validate(limits=limits)
+    device, precision, settings, limits = resolve_run(request, config, strength=request.strength)
     init_path = list_init_images(request.init)[0]
     model = load_model(request.model, device, precision, inpainting_ok=True)
     settings.validate(model.schedule.num_train_timesteps, limits)
