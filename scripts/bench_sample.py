@@ -386,14 +386,26 @@ def main() -> None:
 
 
 def prepare_models(folder: Path, preset: Preset, resolution: int, seed: int) -> tuple[Path, Path]:
-    """Our bundle and diffusers' save_pretrained folder of the same random weights, made once per folder."""
+    """Our bundle and diffusers' save_pretrained folder of the same random weights, made once per folder,
+    in a spawned process so that this one stays small while the cases run."""
     ours, theirs = folder / "ldm", folder / "diffusers"
+    if not (ours / "model" / "bundle.json").is_file() or not (theirs / "model_index.json").is_file():
+        import multiprocessing
+
+        writer = multiprocessing.get_context("spawn").Process(target=write_models, args=(ours, theirs, preset, resolution, seed))
+        writer.start()
+        writer.join()
+        if writer.exitcode != 0:
+            raise SystemExit(f"writing the random models failed (exit {writer.exitcode})")
+    return ours / "model", theirs
+
+
+def write_models(ours: Path, theirs: Path, preset: Preset, resolution: int, seed: int) -> None:
     if not (ours / "model" / "bundle.json").is_file():
         print(f"writing the random {preset.unet} model to {folder} ...", flush=True)
         write_random_model(ours, preset, resolution, seed)
     if not (theirs / "model_index.json").is_file():
         diffusers_pipeline(load_latent_diffusion(ours / "model"), torch.device("cpu")).save_pretrained(theirs)
-    return ours / "model", theirs
 
 
 def init_image(folder: Path, height: int, width: int) -> Path:
