@@ -402,7 +402,7 @@ def prepare_models(folder: Path, preset: Preset, resolution: int, seed: int) -> 
 
 def write_models(ours: Path, theirs: Path, preset: Preset, resolution: int, seed: int) -> None:
     if not (ours / "model" / "bundle.json").is_file():
-        print(f"writing the random {preset.unet} model to {folder} ...", flush=True)
+        print(f"writing the random {preset.unet} model to {ours.parent} ...", flush=True)
         write_random_model(ours, preset, resolution, seed)
     if not (theirs / "model_index.json").is_file():
         diffusers_pipeline(load_latent_diffusion(ours / "model"), torch.device("cpu")).save_pretrained(theirs)
