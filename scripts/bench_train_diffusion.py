@@ -64,7 +64,8 @@ PRESETS = {
     "tiny": Preset("tiny", "diffusion_tiny", 8, 64, 32, 5, "configs/unet/tiny.yaml (~4.6M params), 8x8 latents, batch 64"),
     "small": Preset("small", "diffusion", 32, 16, 32, 3,
                     "configs/unet/small.yaml (~41M params), 32x32 latents (its sample_size), batch 16"),
-    "sd15": Preset("sd15", "diffusion", 64, 1, 77, 5, "SD-1.5 U-Net (860M params), 64x64 latents, batch 1; GPU only"),
+    "sd15": Preset("sd15", "diffusion", 64, 1, 77, 5, "SD-1.5 U-Net (860M params), 64x64 latents, batch 1 (on the CPU: "
+                   "1 measured step per case, each case in its own process, gradient checkpointing)"),
 }
 
 
@@ -79,6 +80,7 @@ class Case:
     checkpointing: bool = False  # gradient checkpointing (unet.gradient_checkpointing / enable_gradient_checkpointing)
     variant: str = ""  # how the case differs from the side's own training setup, for its name
     lora: bool = False  # only LoRA adapters train (Payload.lora_rank, Payload.lora_targets)
+    master_weights: bool = True  # with bf16_weights: float32 masters, or (False) adafactor on the bf16 weights (train.master_weights)
 
     @property
     def name(self) -> str:
@@ -98,6 +100,8 @@ class Payload:
     cases: dict[str, Case]
     lora_rank: int = 16
     lora_targets: str = "attention"
+    emulate_bf16: bool = False  # bf16 matmuls as float32 kernels (_bench_common.Fp32MatmulsForBf16)
+    checkpointing: bool = False  # gradient checkpointing for every case
 
 
 
@@ -106,7 +110,7 @@ def build_model(payload: Payload, case: Case) -> tuple[torch.nn.Module, Callable
     from diffusers import UNet2DConditionModel
 
     config = from_dict(payload.unet_config, UNetConfig)
-    config.gradient_checkpointing = case.checkpointing
+    config.gradient_checkpointing = case.checkpointing or payload.checkpointing
     torch.manual_seed(payload.seed)
     ours = UNet(config)
     if case.side == "ours":
@@ -116,7 +120,7 @@ def build_model(payload: Payload, case: Case) -> tuple[torch.nn.Module, Callable
     else:
         model = UNet2DConditionModel(**config.to_diffusers_config())
         model.load_state_dict(ours.state_dict(), strict=True)  # parameter names are diffusers'
-        if case.checkpointing:
+        if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         del ours
 
@@ -148,12 +152,15 @@ def add_lora(model: torch.nn.Module, side: str, payload: Payload) -> None:
 def build_step(payload: Payload, case: Case, models: dict | None = None) -> Callable[[], torch.Tensor]:
     """One training step of `case` as a closure. `models` shares a model between autocast precisions."""
     device = torch.device(payload.device)
-    key = (case.side, case.bf16_weights, case.channels_last, case.fused_adamw, case.lora, case.optimizer, case.checkpointing)
+    key = (case.side, case.bf16_weights, case.channels_last, case.fused_adamw, case.optimizer, case.checkpointing,
+           case.master_weights, case.lora)
     if models is not None and key in models:
         model, forward, optimizer, master = models[key]
     else:
         model, forward = build_model(payload, case)
-        master = MasterWeights(model) if case.bf16_weights else None  # casts the model to bf16
+        master = MasterWeights(model) if case.bf16_weights and case.master_weights else None  # casts the model to bf16
+        if case.bf16_weights and not master:
+            model.to(torch.bfloat16)
         # ours as DiffusionTrainer steps (fused AdamW); diffusers as its example training script (default AdamW)
         parameters = master.parameters if master else [p for p in model.parameters() if p.requires_grad]
         if case.optimizer:
@@ -172,7 +179,7 @@ def build_step(payload: Payload, case: Case, models: dict | None = None) -> Call
     memory_format = torch.channels_last if case.channels_last else torch.contiguous_format
     autocast_precision = "fp32" if case.bf16_weights else case.precision
 
-    def step() -> torch.Tensor:
+    def plain_step() -> torch.Tensor:
         noise = torch.randn(shape, device=device)
         timesteps = torch.randint(0, schedule.num_train_timesteps, (shape[0],), device=device)
         x_t = schedule.add_noise(x0, noise, timesteps).to(input_dtype).contiguous(memory_format=memory_format)
@@ -188,7 +195,11 @@ def build_step(payload: Payload, case: Case, models: dict | None = None) -> Call
             master.copy_to_model()
         return loss
 
-    return step
+    def step() -> torch.Tensor:
+        with bench.Fp32MatmulsForBf16():
+            return plain_step()
+
+    return step if payload.emulate_bf16 and case.precision == "bf16" else plain_step
 
 
 def build_case(payload: Payload, name: str) -> Callable[[], torch.Tensor]:
@@ -226,6 +237,8 @@ def memory_cases(trainer: TrainConfig) -> list[Case]:
     optimizers = [name for name in OPTIMIZERS if name != "adamw8bit" or importlib.util.find_spec("bitsandbytes")]
     cases = [Case("ours", "bf16", channels_last=trainer.channels_last, bf16_weights=True, optimizer=name,
                   checkpointing=True, variant=name) for name in optimizers]
+    cases.append(Case("ours", "bf16", channels_last=trainer.channels_last, bf16_weights=True, optimizer="adafactor",
+                      checkpointing=True, master_weights=False, variant="adafactor no-masters"))
     return cases + [Case("diffusers", "bf16", checkpointing=True, variant="AdamW")]
 
 
@@ -234,17 +247,30 @@ def report_memory(payload: Payload, preset: Preset, args: argparse.Namespace, de
           f"{payload.context_length}: one training step with gradient checkpointing at bf16\n")
     if "ours bf16 adamw8bit" not in payload.cases:
         print("note: bitsandbytes does not import here; adamw8bit is left out\n")
+    if payload.emulate_bf16:
+        print("note: this CPU has no native bf16: bf16 matmuls and convolutions run as float32 kernels on upcast "
+              "copies (Fp32MatmulsForBf16), every stored tensor stays bf16\n")
+    warmup = args.warmup if args.warmup_given or not heavy(args, device) else 0
+    if warmup == 0:
+        print("note: no warm-up step: the measured step is each case's first (it allocates the optimiser state "
+              "while the gradients are held, as every later step holds both)\n")
     print("peak memory (a fresh process per case) ...\n" if device.type == "cpu" else "peak memory ...\n", flush=True)
-    memory = bench.measure_memory(list(payload.cases), build_case, payload, args.warmup, device)
+    memory = bench.measure_memory(list(payload.cases), build_case, payload, warmup, device)
     reference = memory.get("diffusers bf16 AdamW")
     rows = [[name, bench.mib(peak), bench.ratio(peak, reference)] for name, peak in memory.items()]
     bench.print_table(["case", "peak MiB", "vs diffusers"], rows)
-    print("\nours: bf16 weights + float32 masters (train.bf16_weights), the named train.optimizer; diffusers: "
+    print("\nours: bf16 weights + float32 masters (train.bf16_weights) and the named train.optimizer; 'no-masters': "
+          "adafactor updating the bf16 weights with stochastic rounding (train.master_weights=false); diffusers: "
           "train_text_to_image.py's step (float32 weights, autocast, torch AdamW)")
     print(bench.memory_note(device))
-    adafactor = memory.get("ours bf16 adafactor")
-    if adafactor and reference:
-        print(f"\nours with adafactor vs diffusers: {adafactor / reference:.2f}x peak memory")
+    for name in ("ours bf16 adafactor", "ours bf16 adafactor no-masters"):
+        if memory.get(name) and reference:
+            print(f"{name.removeprefix('ours bf16 ')} vs diffusers: {memory[name] / reference:.2f}x peak memory")
+
+
+def heavy(args: argparse.Namespace, device: torch.device) -> bool:
+    """SD-1.5 size on the CPU: cases measured one at a time, each in its own process, with fewer steps."""
+    return args.preset == "sd15" and device.type == "cpu"
 
 
 def main() -> None:
@@ -265,10 +291,17 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the GPU's peak TFLOP/s for model-FLOPs utilisation (default 989: H100 SXM dense bf16)")
     args = parser.parse_args()
+    args.warmup_given = "--warmup" in sys.argv
     preset = PRESETS[args.preset]
-    device = bench.setup(args)
-    if device.type == "cpu" and args.preset == "sd15":
-        print("warning: the sd15 preset on the CPU takes minutes per step\n")
+    modes = [name for name, on in (("lora", args.lora), ("memory", args.memory)) if on]
+    device = bench.setup(args, " ".join([args.preset, *modes]))
+    emulate = bench.emulate_bf16(device)
+    if heavy(args, device):
+        if emulate and args.precision == "both" and not args.memory:
+            args.precision = "fp32"
+            print("note: fp32 only: this CPU has no native bf16 (compare bf16 with --precision bf16, slowly)")
+        print("note: the sd15 preset on the CPU: gradient checkpointing on both sides, each case in its own process "
+              "(they do not fit in memory together), one after the other, not interleaved\n")
 
     trainer = bench.load_yaml("train", preset.train, TrainConfig)
     payload = Payload(
@@ -281,6 +314,8 @@ def main() -> None:
         cases={case.name: case for case in select_cases(args, trainer)},
         lora_rank=args.lora_rank,
         lora_targets=args.lora_targets,
+        emulate_bf16=emulate,
+        checkpointing=heavy(args, device),
     )
     if args.memory:
         payload.batch_size = args.batch_size or 1
