@@ -308,8 +308,12 @@ def _isolated_child(sender, build_case: CaseBuilder, payload: Any, name: str, re
     _release_freed_memory()
     start = _status_kib("VmRSS") * 1024
     call = build_case(payload, name)
-    for _ in range(warmup):
-        call()
+    flops = None
+    for index in range(warmup):
+        if index == 0:
+            flops = count_flops(call)
+        else:
+            call()
     _release_freed_memory()
     measurable = _reset_peak_rss()
     seconds = []
@@ -318,15 +322,23 @@ def _isolated_child(sender, build_case: CaseBuilder, payload: Any, name: str, re
         call()
         seconds.append(time.perf_counter() - began)
     peak = _status_kib("VmHWM") * 1024 - start if measurable else None
-    sender.send((seconds, peak))
+    sender.send(Isolated(Timing(statistics.median(seconds), min(seconds)), peak, flops, getattr(call, "counts", {})))
+
+
+@dataclass
+class Isolated:
+    timing: Timing
+    peak: int | None  # bytes, RSS high-water mark of the timed calls above the RSS before the case was built
+    flops: int | None  # of one call, counted during the first warm-up call (None without warm-up)
+    counts: dict[str, int]  # the call's own `counts` attribute, if any (e.g. parameter counts)
 
 
 def isolated_timings(
     names: list[str], build_case: CaseBuilder, payload: Any, repeats: int, warmup: int
-) -> dict[str, tuple[Timing, int | None]]:
+) -> dict[str, Isolated]:
     """Seconds per call and peak RSS of each case, one fresh spawned process per case, one case after the
-    other (for cases too large to be held in memory together; CPU only): `warmup` calls, then `repeats`
-    timed calls, whose RSS high-water mark above the RSS before the case was built is the peak."""
+    other (for cases too large to be held in memory together; CPU only): `warmup` calls (the first one
+    also counts FLOPs), then `repeats` timed calls."""
     context = multiprocessing.get_context("spawn")
     results = {}
     for name in names:
@@ -337,10 +349,9 @@ def isolated_timings(
         while not receiver.poll(1.0):
             if not process.is_alive():
                 raise RuntimeError(f"the measurement of {name!r} died (exit code {process.exitcode})")
-        seconds, peak = receiver.recv()
+        results[name] = receiver.recv()
         process.join()
-        results[name] = (Timing(statistics.median(seconds), min(seconds)), peak)
-        print(f"  {name}: {', '.join(f'{value:.1f}' for value in seconds)} s; peak {mib(peak)} MiB", flush=True)
+        print(f"  {name}: {results[name].timing.median:.1f} s per step, peak {mib(results[name].peak)} MiB", flush=True)
     return results
 
 

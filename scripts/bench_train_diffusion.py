@@ -199,7 +199,10 @@ def build_step(payload: Payload, case: Case, models: dict | None = None) -> Call
         with bench.Fp32MatmulsForBf16():
             return plain_step()
 
-    return step if payload.emulate_bf16 and case.precision == "bf16" else plain_step
+    chosen = step if payload.emulate_bf16 and case.precision == "bf16" else plain_step
+    chosen.counts = {"parameters": sum(p.numel() for p in model.parameters()),
+                     "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return chosen
 
 
 def build_case(payload: Payload, name: str) -> Callable[[], torch.Tensor]:
@@ -273,6 +276,47 @@ def heavy(args: argparse.Namespace, device: torch.device) -> bool:
     return args.preset == "sd15" and device.type == "cpu"
 
 
+def describe(payload: Payload, preset: Preset, args: argparse.Namespace, counts: dict[str, dict[str, int]], repeats: int,
+             how: str) -> None:
+    """The parameter counts (trainable ones of each LoRA case) and what is measured."""
+    for name, case in payload.cases.items():
+        if case.lora and name in counts:
+            print(f"{name} LoRA: rank {args.lora_rank} on {args.lora_targets}: "
+                  f"{counts[name]['trainable'] / 1e6:.2f}M trainable parameters")
+    parameters = next(iter(counts.values()))["parameters"]
+    print(f"U-Net {preset.unet}: {parameters / 1e6:.1f}M parameters, latents {payload.batch_size}x4x{payload.latent_size}x"
+          f"{payload.latent_size}, context {payload.context_length}x{payload.unet_config['cross_attention_dim']}; "
+          f"{repeats} measured steps per case after {args.warmup} warm-up, {how}, median\n")
+
+
+def time_interleaved(payload: Payload, preset: Preset, args: argparse.Namespace, device: torch.device) -> tuple:
+    """Every case held at once and timed in interleaved rounds; then peak memory, a fresh process per case."""
+    repeats = args.repeats or preset.repeats
+    models: dict = {}
+    steps = {name: build_step(payload, case, models) for name, case in payload.cases.items()}
+    describe(payload, preset, args, {name: step.counts for name, step in steps.items()}, repeats, "interleaved")
+    print("timing ...", flush=True)
+    flops = bench.count_flops(steps[next(iter(steps))])  # the same for every case: same architecture and batch
+    timings = bench.interleaved_timings(steps, repeats, args.warmup, device)
+    del steps, models
+    memory: dict = {}
+    if not args.no_memory:
+        print("peak memory (a fresh process per case) ...\n" if device.type == "cpu" else "peak memory ...\n", flush=True)
+        memory = bench.measure_memory(list(payload.cases), build_case, payload, args.warmup, device)
+    return timings, flops, memory
+
+
+def time_one_by_one(payload: Payload, preset: Preset, args: argparse.Namespace) -> tuple:
+    """Each case in its own fresh process, one after the other: time and peak memory of the same steps."""
+    repeats = args.repeats or 1
+    print(f"timing and peak memory ({repeats} step(s) after {args.warmup} warm-up, a fresh process per case) ...", flush=True)
+    results = bench.isolated_timings(list(payload.cases), build_case, payload, repeats, args.warmup)
+    print()
+    describe(payload, preset, args, {name: result.counts for name, result in results.items()}, repeats, "one case after another")
+    memory = {} if args.no_memory else {name: result.peak for name, result in results.items()}
+    return {name: result.timing for name, result in results.items()}, next(iter(results.values())).flops, memory
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 2)[2])
@@ -300,7 +344,8 @@ def main() -> None:
         if emulate and args.precision == "both" and not args.memory:
             args.precision = "fp32"
             print("note: fp32 only: this CPU has no native bf16 (compare bf16 with --precision bf16, slowly)")
-        print("note: the sd15 preset on the CPU: gradient checkpointing on both sides, each case in its own process "
+        if not args.memory:
+            print("note: the sd15 preset on the CPU: gradient checkpointing on both sides, each case in its own process "
               "(they do not fit in memory together), one after the other, not interleaved\n")
 
     trainer = bench.load_yaml("train", preset.train, TrainConfig)
@@ -322,27 +367,11 @@ def main() -> None:
         payload.cases = {case.name: case for case in memory_cases(trainer)}
         report_memory(payload, preset, args, device)
         return
-    repeats = args.repeats or preset.repeats
-    models: dict = {}
-    steps = {name: build_step(payload, case, models) for name, case in payload.cases.items()}
-    parameters = sum(p.numel() for p in next(iter(models.values()))[0].parameters())
-    for key, (model, *_rest) in models.items():
-        if key[-1]:  # a LoRA case
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            print(f"{key[0]} LoRA: rank {args.lora_rank} on {args.lora_targets}: {trainable / 1e6:.2f}M trainable parameters")
-    print(f"U-Net {preset.unet}: {parameters / 1e6:.1f}M parameters, latents {payload.batch_size}x4x{payload.latent_size}x"
-          f"{payload.latent_size}, context {payload.context_length}x{payload.unet_config['cross_attention_dim']}; "
-          f"{repeats} measured steps per case after {args.warmup} warm-up, interleaved, median\n")
-
-    print("timing ...", flush=True)
-    flops = bench.count_flops(steps[next(iter(steps))])  # the same for every case: same architecture and batch
-    timings = bench.interleaved_timings(steps, repeats, args.warmup, device)
+    if heavy(args, device):
+        timings, flops, memory = time_one_by_one(payload, preset, args)
+    else:
+        timings, flops, memory = time_interleaved(payload, preset, args, device)
     seconds = {name: timing.median for name, timing in timings.items()}
-    del steps, models
-    memory: dict = {}
-    if not args.no_memory:
-        print("peak memory (a fresh process per case) ...\n" if device.type == "cpu" else "peak memory ...\n", flush=True)
-        memory = bench.measure_memory(list(payload.cases), build_case, payload, args.warmup, device)
 
     rows = []
     for name, case in payload.cases.items():
@@ -352,7 +381,7 @@ def main() -> None:
         throughput = payload.batch_size / seconds[name]
         row = [name, f"{seconds[name] * 1e3:.1f}", f"{timings[name].best * 1e3:.1f}", f"{throughput:.1f}",
                bench.ratio(seconds.get(reference), seconds[name]) if case.side == "ours" else "",
-               f"{flops / seconds[name] / 1e9:.0f}", bench.mib(memory.get(name)),
+               f"{flops / seconds[name] / 1e9:.0f}" if flops else "n/a", bench.mib(memory.get(name)),
                bench.ratio(memory.get(name), memory.get(reference)) if case.side == "ours" and memory else ""]
         if device.type == "cuda":
             row.append(f"{100 * flops / seconds[name] / (args.peak_tflops * 1e12):.1f}%")
@@ -361,7 +390,7 @@ def main() -> None:
     if device.type == "cuda":
         headers.append(f"MFU@{args.peak_tflops:g}TF")
     bench.print_table(headers, rows)
-    print(f"\none step = {flops / 1e9:.1f} GFLOP (FlopCounterMode, forward + backward); 'vs diffusers' = ours' "
+    print(f"\none step = {(flops or 0) / 1e9:.1f} GFLOP (FlopCounterMode, forward + backward); 'vs diffusers' = ours' "
           "throughput / diffusers' at the same precision (higher is faster); 'mem vs diffusers' = peak / theirs;\n"
           f"ours trains as ldm train-diffusion with train/{preset.train}.yaml (fused AdamW, "
           f"{'channels_last' if trainer.channels_last else 'NCHW'}, bf16 as "
