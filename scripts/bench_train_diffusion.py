@@ -11,16 +11,26 @@ same run, interleaved. `--variants` flips one of ours' settings at a time.
     python scripts/bench_train_diffusion.py                      # tiny U-Net, 8x8 latents, batch 64
     python scripts/bench_train_diffusion.py --preset small --repeats 3
     python scripts/bench_train_diffusion.py --preset sd15 --device cuda --variants
+    python scripts/bench_train_diffusion.py --preset sd15 --markdown    # on the CPU: fp32, minutes (see below)
     python scripts/bench_train_diffusion.py --preset small --lora           # LoRA steps: ours (peft, as
         `ldm train-lora`) beside diffusers + peft (`add_adapter`), same rank and targets; plus our full
         fine-tune step for the memory ratio
     python scripts/bench_train_diffusion.py --preset sd15 --memory      # peak memory per optimiser
+    python scripts/bench_train_diffusion.py --preset sd15 --lora --resolution 32
 
 `--memory` measures only peak memory, of the low-memory setting a large fine-tune uses: batch 1,
 gradient checkpointing, bf16. Ours trains with bf16 weights + float32 masters and each
-`train.optimizer` (adamw, adafactor, adamw8bit where bitsandbytes imports); diffusers as its
+`train.optimizer` (adamw, adafactor, adamw8bit where bitsandbytes imports), and with adafactor
+updating the bf16 weights without masters (train.master_weights=false); diffusers as its
 train_text_to_image.py with --gradient_checkpointing --mixed_precision=bf16 (float32 weights,
 autocast, torch AdamW). On the CPU each case runs in its own fresh process (peak RSS).
+
+On CPUs without native bf16, bf16 matmuls and convolutions run as float32 kernels on upcast copies
+(`_bench_common.Fp32MatmulsForBf16`; the tensors kept stay bf16, so memory is bf16's). The sd15 preset
+on the CPU (a full fine-tune step needs about 14 GB) runs each case in its own process, one after the
+other, with gradient checkpointing on both sides: one warm-up and one measured step per case (or
+`--repeats`), which also give the peak memory; fp32 only where bf16 is emulated; `--memory` measures
+each case's first step.
 """
 
 from __future__ import annotations
