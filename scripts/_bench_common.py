@@ -82,9 +82,10 @@ def resolve_device(name: str) -> torch.device:
 def setup(args: argparse.Namespace, section: str = "") -> torch.device:
     """Threads, device, and a header saying what this run measures on; with --markdown, everything printed
     from here on also goes to the script's section of the markdown file when the script ends (one section
-    per `section`, e.g. "sd15 memory", for scripts whose modes report different things)."""
+    per `section`, by default "--preset NAME"; e.g. "--preset sd15 --memory" where modes report different things)."""
     if getattr(args, "markdown", None):
-        _record_markdown(Path(args.markdown), section)
+        preset = getattr(args, "preset", None)
+        _record_markdown(Path(args.markdown), section or (f"--preset {preset}" if preset else ""))
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -432,9 +433,10 @@ class _Tee:
 
 
 def _record_markdown(path: Path, section: str = "") -> None:
+    """Tee stdout; at exit, write it as the section of this script and `section` (each keeps its own)."""
     tee = _Tee(sys.stdout)
     sys.stdout = tee
-    script = Path(sys.argv[0]).name + (f" ({section})" if section else "")
+    script = Path(sys.argv[0]).name + (f" {section}" if section else "")
     command = " ".join(["python", f"scripts/{Path(sys.argv[0]).name}", *sys.argv[1:]])
     atexit.register(lambda: write_markdown_section(path, script, command, "".join(tee.parts)))
 

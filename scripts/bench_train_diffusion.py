@@ -347,8 +347,8 @@ def main() -> None:
     args = parser.parse_args()
     args.warmup_given = "--warmup" in sys.argv
     preset = PRESETS[args.preset]
-    modes = [name for name, on in (("lora", args.lora), ("memory", args.memory)) if on]
-    device = bench.setup(args, " ".join([args.preset, *modes]))
+    modes = [flag for flag, on in (("--lora", args.lora), ("--memory", args.memory)) if on]
+    device = bench.setup(args, " ".join([f"--preset {args.preset}", *modes]))
     emulate = bench.emulate_bf16(device)
     if heavy(args, device):
         if emulate and args.precision == "both" and not args.memory:
