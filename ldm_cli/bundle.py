@@ -180,20 +180,48 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_safetensors(path: Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file; floating-point ones cast to `dtype` one at a time as they are
-    read, so the file's dtype is never held in full beside the wanted one."""
-    from safetensors import SafetensorError, safe_open
+# safetensors' dtype names (the format's spec)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 2**20
 
-    if not Path(path).is_file():
+
+def read_safetensors(path: Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; floating-point ones cast to `dtype` when given.
+
+    The file is read, one tensor at a time, into memory the tensors own rather than memory-mapped: a
+    mapped file's pages count in the process's resident memory for as long as any tensor of it lives,
+    so a model whose weights are then cast or packed would hold its file beside them."""
+    path = Path(path)
+    if not path.is_file():
         raise BundleError(f"weights file {path} is missing")
     tensors = {}
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            for key in handle.keys():
-                tensor = handle.get_tensor(key)
-                tensors[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-    except (SafetensorError, OSError, ValueError) as error:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            header_bytes = int.from_bytes(handle.read(8), "little")
+            if not 2 <= header_bytes <= min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"a header of {header_bytes} bytes in a file of {size}")
+            header = json.loads(handle.read(header_bytes))
+            data_start = 8 + header_bytes
+            for key, entry in header.items():
+                if key == "__metadata__":
+                    continue
+                kind, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+                count = math.prod(shape)
+                if not 0 <= begin <= end <= size - data_start or end - begin != count * kind.itemsize:
+                    raise ValueError(f"tensor {key} lies outside the file or does not fit its shape")
+                raw = torch.empty(end - begin, dtype=torch.uint8)
+                handle.seek(data_start + begin)
+                if handle.readinto(memoryview(raw.numpy())) != end - begin:
+                    raise ValueError(f"the file ends inside tensor {key}")
+                tensor = raw.view(kind).reshape(shape)
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                tensors[key] = tensor.to(device)
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise BundleError(f"weights file {path} is corrupt or truncated ({error})") from error
     return tensors
 

@@ -41,10 +41,10 @@ import _bench_common as bench  # noqa: E402
 import _bench_process as process  # noqa: E402
 
 from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL  # noqa: E402
-from ldm_cli.bundle import write_bundle  # noqa: E402
-from ldm_cli.config import to_dict  # noqa: E402
+from ldm_cli.bundle import load_bundle, write_bundle  # noqa: E402
+from ldm_cli.config import from_dict, to_dict  # noqa: E402
 from ldm_cli.diffusion.load import LatentDiffusion, load_latent_diffusion, write_latent_diffusion_bundle  # noqa: E402
-from ldm_cli.diffusion.schedule import ScheduleConfig  # noqa: E402
+from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig  # noqa: E402
 from ldm_cli.diffusion.text import TextEncoder, TextEncoderConfig, load_text_encoder, save_text_encoder  # noqa: E402
 from ldm_cli.backends.cpu import FusedSelfAttention, optimize_for_cpu_inference  # noqa: E402
 from ldm_cli.backends.guided import CachedTimeProjection  # noqa: E402
@@ -411,7 +411,8 @@ def process_cases(args: argparse.Namespace, ours: Path, theirs: Path, scratch: P
     """txt2img at the preset's size in each precision; in float32 (the first precision chosen) also a
     non-square txt2img (1.5x the width) and an img2img at strength 0.6. Ours and diffusers' alternate."""
     side = args.resolution or PRESETS[args.preset].resolution
-    sigma_max = get_sigmas(load_latent_diffusion(ours).schedule, args.sampling_steps, SPACING)[0].item()
+    schedule = NoiseSchedule(from_dict(load_bundle(ours, kind="latent-diffusion").meta["schedule"], ScheduleConfig))
+    sigma_max = get_sigmas(schedule, args.sampling_steps, SPACING)[0].item()
     shapes = [(precision, side, side, None) for precision in chosen]
     shapes += [(chosen[0], side, side * 3 // 2, None), (chosen[0], side, side, init_image(scratch, side, side))]
     cases = []

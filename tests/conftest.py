@@ -14,7 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # verified weight hashes go to a folder of this test run, not the user's cache
 os.environ.setdefault("LDM_CACHE_DIR", tempfile.mkdtemp(prefix="ldm-test-cache-"))
-# tests run in parallel (pytest -n 2): one intra-op thread per worker avoids oversubscription
+# tests run in parallel (pytest -n 2) on tiny models: one intra-op thread per worker, as extra
+# threads only spin; every test module (U-Net, backends, ...) relies on this one setting
 torch.set_num_threads(1)
 
 
@@ -27,6 +28,17 @@ def shapes_dir(tmp_path_factory) -> Path:
     write_shapes_dataset(root, 24, 16, seed=0)
     return root
 
+
+TINY_UNET_OVERRIDES = [
+    "unet=tiny",
+    "unet.block_out_channels=[16,32]",
+    "unet.down_block_types=[CrossAttnDownBlock2D,DownBlock2D]",
+    "unet.up_block_types=[UpBlock2D,CrossAttnUpBlock2D]",
+    "unet.attention_head_dim=2",
+    "unet.norm_num_groups=8",
+    "text_encoder=tiny",
+    "text_encoder.max_length=16",
+]
 
 TINY_VAE_OVERRIDES = [
     "autoencoder.block_out_channels=[8,16]",
@@ -48,13 +60,21 @@ TINY_VAE_OVERRIDES = [
 ]
 
 
-
 @pytest.fixture(scope="session")
 def photos_dir(tmp_path_factory) -> Path:
     """12 small scikit-image photos: 5 portrait, 4 landscape, 3 square, with tag captions."""
     from tests.photos import write_photo_folder
 
     return write_photo_folder(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture
+def hub_dir(tmp_path):
+    """torch.hub's folder (where downloaded weights are looked for) set to an empty one for one test."""
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(previous)
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -15,13 +15,9 @@ from ldm_cli.cli import app
 from ldm_cli.config import to_dict
 from ldm_cli.diffusion.train import dataset_prompts
 from ldm_cli.latents.dataset import LatentDataset
+from tests.conftest import TINY_UNET_OVERRIDES
 from tests.photos import BUCKET_OVERRIDES
 
-UNET = [
-    "unet=tiny", "unet.block_out_channels=[16,32]", "unet.down_block_types=[CrossAttnDownBlock2D,DownBlock2D]",
-    "unet.up_block_types=[UpBlock2D,CrossAttnUpBlock2D]", "unet.attention_head_dim=2", "unet.norm_num_groups=8",
-    "text_encoder=tiny", "text_encoder.max_length=16",
-]
 TRAIN = [
     "train=diffusion_tiny", "train.batch_size=2", "train.precision=fp32", "train.optimizer=adafactor", "train.lr_schedule=cosine",
     "train.lr_schedule_steps=4", "train.warmup_steps=1", "train.checkpoint_every=2", "train.image_every=4", "train.eval_every=4",
@@ -53,10 +49,10 @@ def test_photo_folder_to_portrait_and_landscape_samples(photos_dir, tmp_path):
 
     # 3. train 4 steps straight, and 2 + resume to 4: the same weights
     common = ["--latents", tmp_path / "latents", "--device", "cpu"]
-    cli("train-diffusion", *common, "--out", tmp_path / "straight", *UNET, *TRAIN, "train.max_steps=4")
-    cli("train-diffusion", *common, "--out", tmp_path / "resumed", *UNET, *TRAIN, "train.max_steps=2")
+    cli("train-diffusion", *common, "--out", tmp_path / "straight", *TINY_UNET_OVERRIDES, *TRAIN, "train.max_steps=4")
+    cli("train-diffusion", *common, "--out", tmp_path / "resumed", *TINY_UNET_OVERRIDES, *TRAIN, "train.max_steps=2")
     # the same command line with more steps and --resume continues from the step-2 checkpoint
-    resumed_output = cli("train-diffusion", *common, "--out", tmp_path / "resumed", *UNET, *TRAIN, "train.max_steps=4", "--resume")
+    resumed_output = cli("train-diffusion", *common, "--out", tmp_path / "resumed", *TINY_UNET_OVERRIDES, *TRAIN, "train.max_steps=4", "--resume")
     assert "(step 2)" in resumed_output
     straight = load_bundle(tmp_path / "straight", kind="latent-diffusion").tensors("unet")
     resumed = load_bundle(tmp_path / "resumed", kind="latent-diffusion").tensors("unet")
@@ -88,6 +84,6 @@ def test_resume_with_only_more_steps_uses_the_runs_own_text_encoder(photos_dir, 
     cli("encode", "--vae", tmp_path / "vae", "--data", photos_dir, "--out", tmp_path / "latents", "--buckets",
         *BUCKET_OVERRIDES, "text_encoder=tiny", "text_encoder.max_length=16")
     common = ["--latents", tmp_path / "latents", "--device", "cpu", "--out", tmp_path / "run"]
-    cli("train-diffusion", *common, *UNET, *TRAIN, "train.max_steps=2")
+    cli("train-diffusion", *common, *TINY_UNET_OVERRIDES, *TRAIN, "train.max_steps=2")
     assert "(step 2)" in cli("train-diffusion", *common, "--resume", "train.max_steps=3")
     assert (tmp_path / "run" / "bundle").is_dir()

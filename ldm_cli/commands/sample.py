@@ -69,7 +69,8 @@ def sample(
     """Text → images with a trained latent-diffusion model; each PNG carries its settings."""
     config = compose("sample", overrides, config_dir, [], show_config)
     out = required_out(out)
-    from ldm_cli.sampling.commands import SampleRequest, run_replay, run_sample
+    from ldm_cli.sampling.commands import SampleRequest, run_sample
+    from ldm_cli.sampling.replay import run_replay
 
     if replay is not None:
         if prompt or prompt_file or lora:

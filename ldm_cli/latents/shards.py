@@ -12,23 +12,20 @@ from typing import Any
 
 import numpy as np
 
+from ldm_cli.atomic import TMP_PREFIX, atomic_file
 from ldm_cli.latents.dataset import SHARD_META, shard_name
-
-TMP_PREFIX = ".tmp-"
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write `value` as JSON through a temporary file and a rename: a reader sees the old file or the new one."""
-    temporary = path.with_name(f"{TMP_PREFIX}{path.stem}-{secrets.token_hex(4)}{path.suffix}")
-    temporary.write_text(json.dumps(value, indent=2))
-    os.replace(temporary, path)
+    with atomic_file(path, "w") as handle:
+        handle.write(json.dumps(value, indent=2))
 
 
 def write_npy_atomic(path: Path, array: np.ndarray) -> None:
     """Save `array` as .npy through a temporary file and a rename."""
-    temporary = path.with_name(f"{TMP_PREFIX}{path.stem}-{secrets.token_hex(4)}.npy")
-    np.save(temporary, array)
-    os.replace(temporary, path)
+    with atomic_file(path) as handle:
+        np.save(handle, array)
 
 
 def write_shard(out: Path, number: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:

@@ -1,45 +1,34 @@
 """`ldm sample` and `ldm img2img`: check every input, load the model, generate, write PNGs.
 
 Everything a user can get wrong is checked before --out is created, so a failed command writes
-nothing. Files are `{index:05d}-{seed}.png`, the index continuing after the highest one already in
---out, and a name is claimed with O_EXCL: nothing is ever overwritten, even by two runs at once.
-Image i of a run uses seed S + i, so `--seed S+i -n 1` remakes it alone, and `--replay` remakes an
-image from its own metadata (recomputing its batch when it was made in one, for identical pixels).
+nothing (sampling/output.py names and writes the files). Image i of a run uses seed S + i, so
+`--seed S+i -n 1` remakes it alone, and `--replay` (sampling/replay.py) remakes an image from its
+own metadata. The checks and steps `ldm inpaint` and `--replay` share with these commands are here.
 """
 
 from __future__ import annotations
 
-import io
-import itertools
-import json
-import math
-import os
-import re
 import secrets
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from PIL import Image
 
 from ldm_cli import __version__
 from ldm_cli.adapters.merge import Applied
-from ldm_cli.adapters.prompts import lora_metadata, lora_specs, read_loras, replay_loras
-from ldm_cli.bundle import file_sha256
+from ldm_cli.adapters.prompts import lora_metadata, lora_specs, read_loras
 from ldm_cli.config import SampleConfig
 from ldm_cli.data.images import tensor_to_pil
 from ldm_cli.diffusion.load import LatentDiffusion, load_latent_diffusion
-from ldm_cli.errors import DataError, LdmError, UsageError
-from ldm_cli.grid import make_grid
+from ldm_cli.errors import UsageError
 from ldm_cli.sampling.init_images import InitImage, inspect_init_image, list_init_images
-from ldm_cli.sampling.metadata import png_info, read_metadata
+from ldm_cli.sampling.output import OutputFolder, Written, grid_columns
 from ldm_cli.sampling.pipeline import ImageJob, InitLatent, SamplingPipeline, check_image_size, weight_dtypes
 from ldm_cli.sampling.settings import SamplingLimits, SamplingSettings
 from ldm_cli.training.precision import resolve_device, resolve_precision
 
 MAX_SEED = 2**63 - 1
-INDEXED_NAME = re.compile(r"^(\d{5,})-.*\.(png|json)$")
 
 
 @dataclass
@@ -71,20 +60,7 @@ class SampleRequest:
     clip_skip: int = 1
 
 
-@dataclass
-class Written:
-    images: list[Path]
-    grid: Optional[Path] = None
-
-    def summary(self) -> str:
-        if not self.images:
-            return "no images written"
-        names = self.images[0].name if len(self.images) == 1 else f"{self.images[0].name} … {self.images[-1].name}"
-        text = f"wrote {len(self.images)} image(s) to {self.images[0].parent}: {names}"
-        return text + (f"\ngrid: {self.grid}" if self.grid else "")
-
-
-# ------------------------------------------------------------------------------------ prompts, seeds
+# ------------------------------------------------ checks and steps shared with inpaint and --replay
 
 
 def read_prompts(prompts: list[str], prompt_file: Optional[Path]) -> list[str]:
@@ -113,8 +89,14 @@ def resolve_seed(seed: int, count: int) -> int:
     return seed
 
 
-def _settings(request: SampleRequest, config: SampleConfig, strength: float) -> SamplingSettings:
-    return SamplingSettings(
+def resolve_run(
+    request: SampleRequest, config: SampleConfig, strength: float
+) -> tuple[torch.device, str, SamplingSettings, SamplingLimits]:
+    """Device, precision, and the run's settings checked against the config's limits (the model's own
+    step limit and image size are checked once it is loaded)."""
+    device = resolve_device(request.device)
+    precision = resolve_precision(request.precision, device)
+    settings = SamplingSettings(
         steps=request.steps,
         guidance_scale=request.guidance_scale,
         sampler=request.sampler,
@@ -126,28 +108,33 @@ def _settings(request: SampleRequest, config: SampleConfig, strength: float) -> 
         prompt_weighting=request.prompt_weighting,
         clip_skip=request.clip_skip,
     )
+    limits = limits_of(config)
+    settings.height, settings.width = request.height or settings.height, request.width or settings.width
+    settings.validate(limits=limits)
+    return device, precision, settings, limits
 
 
 def limits_of(config: SampleConfig) -> SamplingLimits:
     return SamplingLimits(max_steps=config.max_steps, max_side=config.max_side, max_batch_size=config.max_batch_size)
 
 
-def _check_counts(request: SampleRequest, config: SampleConfig) -> None:
+def check_counts(request: SampleRequest, config: SampleConfig) -> None:
+    """--num-images, --batch-size and --out, before anything is loaded."""
     if request.num_images < 1:
         raise UsageError(f"--num-images must be a positive integer, got {request.num_images}")
     if not 1 <= request.batch_size <= config.max_batch_size:
         raise UsageError(
             f"--batch-size must be between 1 and {config.max_batch_size} (raise it with max_batch_size=N), got {request.batch_size}"
         )
-    _check_out(request.out)
+    check_out(request.out)
 
 
-def _check_out(out: Path) -> None:
+def check_out(out: Path) -> None:
     if Path(out).exists() and not Path(out).is_dir():
         raise UsageError(f"--out {out} is a file; give a folder")
 
 
-def _load_model(
+def load_model(
     path: Optional[Path], device: torch.device, precision: str, loras: Applied = (), inpainting_ok: bool = False
 ) -> LatentDiffusion:
     """The model with its weights read straight into the dtypes sampling at `precision` computes in."""
@@ -172,11 +159,13 @@ def _lora_metadata(applied: Applied) -> dict[str, Any]:
     return {"loras": lora_metadata(list(applied))} if applied else {}
 
 
-def _pipeline(model: LatentDiffusion, device: torch.device, precision: str, config: SampleConfig) -> SamplingPipeline:
+def make_pipeline(model: LatentDiffusion, device: torch.device, precision: str, config: SampleConfig) -> SamplingPipeline:
+    """A sampling pipeline with the sample config's tiling and compile settings."""
     return SamplingPipeline(model, device, precision, config.tile_decode_above, config.tile_latent_size, compile=config.compile)
 
 
-def _base_metadata(mode: str, settings: SamplingSettings, pipeline: SamplingPipeline) -> dict[str, Any]:
+def base_metadata(mode: str, settings: SamplingSettings, pipeline: SamplingPipeline) -> dict[str, Any]:
+    """What every image of a run records: its settings and the model, precision and device that made it."""
     bundle = pipeline.model.bundle
     return {
         "mode": mode,
@@ -188,91 +177,6 @@ def _base_metadata(mode: str, settings: SamplingSettings, pipeline: SamplingPipe
         "ldm_version": __version__,
         "device": pipeline.device.type,  # identical pixels are promised on the same kind of device
     }
-
-
-# -------------------------------------------------------------------------------------------- output
-
-
-class OutputFolder:
-    """Claims `{index:05d}-{seed}.png` names after the highest index already in the folder."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.index: Optional[int] = None
-
-    def _next_index(self) -> int:
-        highest = -1
-        if self.path.is_dir():
-            for entry in self.path.iterdir():
-                match = INDEXED_NAME.match(entry.name)
-                if match:
-                    highest = max(highest, int(match.group(1)))
-        return highest + 1
-
-    def _claim_grid(self, stem: str) -> Path:
-        """`stem.png`, or `stem-1.png`, ... when taken: a grid never replaces an existing file."""
-        for number in itertools.count():
-            path = self.path / (f"{stem}.png" if number == 0 else f"{stem}-{number}.png")
-            try:
-                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-                return path
-            except FileExistsError:
-                continue
-        raise AssertionError("unreachable")
-
-    def _claim(self, name_of_index) -> Path:
-        self.path.mkdir(parents=True, exist_ok=True)
-        if self.index is None:
-            self.index = self._next_index()
-        while True:
-            path = self.path / name_of_index(self.index)
-            try:
-                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-                return path
-            except FileExistsError:  # another run took it meanwhile
-                self.index += 1
-
-    def write_image(self, image: Image.Image, seed: int, meta: dict[str, Any], json_sidecar: bool) -> Path:
-        path = self._claim(lambda index: f"{index:05d}-{seed}.png")
-        self.index += 1  # type: ignore[operator]
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", pnginfo=png_info(meta))
-        write_atomic(path, buffer.getvalue())
-        if json_sidecar:
-            write_atomic(path.with_suffix(".json"), (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-        return path
-
-    def write_grid(self, images: list[torch.Tensor], columns: int, first: Path, last: Path) -> Path:
-        """A contact sheet of [3, H, W] images in [-1, 1]; smaller ones are padded with white."""
-        height = max(image.shape[-2] for image in images)
-        width = max(image.shape[-1] for image in images)
-        padded = torch.ones(len(images), 3, height, width)
-        for i, image in enumerate(images):
-            padded[i, :, : image.shape[-2], : image.shape[-1]] = image
-        path = self._claim_grid(f"grid-{first.name.split('-')[0]}-{last.name.split('-')[0]}")
-        buffer = io.BytesIO()
-        make_grid(padded, columns).save(buffer, format="PNG")
-        write_atomic(path, buffer.getvalue())
-        return path
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary file and a rename: a full disk leaves no half-written or 0-byte image."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        path.unlink(missing_ok=True)  # the name claimed for it
-        raise LdmError(f"could not write {path} ({error.strerror or error}); nothing was left in its place") from error
-
-
-def _grid_columns(count: int, per_row: int) -> int:
-    return per_row if 1 < per_row < count else max(1, math.ceil(math.sqrt(count)))
 
 
 def _batch_metadata(batch: list[ImageJob]) -> dict[str, Any]:
@@ -301,54 +205,44 @@ def _write_batches(
 def run_sample(request: SampleRequest, config: SampleConfig) -> Written:
     """`ldm sample`: text → images."""
     prompts = read_prompts(request.prompts, request.prompt_file)
-    _check_counts(request, config)
-    device = resolve_device(request.device)
-    precision = resolve_precision(request.precision, device)
-    settings = _settings(request, config, strength=1.0)
-    limits = limits_of(config)
-    settings.height, settings.width = request.height or settings.height, request.width or settings.width
-    settings.validate(limits=limits)  # the model's own step limit is checked once it is loaded
+    check_counts(request, config)
+    device, precision, settings, limits = resolve_run(request, config, strength=1.0)
     prompts, loras = _loras(request, prompts)
-    model = _load_model(request.model, device, precision, loras)
+    model = load_model(request.model, device, precision, loras)
     settings.height = request.height or model.resolution
     settings.width = request.width or model.resolution
     settings.validate(model.schedule.num_train_timesteps, limits)
     check_image_size(settings.height, settings.width, model)
     seed = resolve_seed(request.seed, len(prompts) * request.num_images)
 
-    pipeline = _pipeline(model, device, precision, config)
-    base = {**_base_metadata("txt2img", settings, pipeline), "height": settings.height, "width": settings.width,
+    pipeline = make_pipeline(model, device, precision, config)
+    base = {**base_metadata("txt2img", settings, pipeline), "height": settings.height, "width": settings.width,
             **_lora_metadata(loras)}
     jobs = [ImageJob(prompt, seed + i) for i, prompt in enumerate(p for p in prompts for _ in range(request.num_images))]
     folder, written = OutputFolder(request.out), []
     kept: Optional[list[torch.Tensor]] = [] if request.grid else None
     _write_batches(pipeline, jobs, settings, request.batch_size, folder, base, request.json_sidecar, written, kept)
-    grid = folder.write_grid(kept, _grid_columns(len(kept), request.num_images), written[0], written[-1]) if kept else None
+    grid = folder.write_grid(kept, grid_columns(len(kept), request.num_images), written[0], written[-1]) if kept else None
     return Written(written, grid)
 
 
 def run_img2img(request: SampleRequest, config: SampleConfig) -> Written:
     """`ldm img2img`: init image(s) + text → images (SDEdit, Meng et al. 2022)."""
     prompts = read_prompts(request.prompts, request.prompt_file)
-    _check_counts(request, config)
+    check_counts(request, config)
     if request.init is None:
         raise UsageError("--init is required (an image or a folder of images)")
-    device = resolve_device(request.device)
-    precision = resolve_precision(request.precision, device)
-    settings = _settings(request, config, strength=request.strength)
-    limits = limits_of(config)
-    settings.height, settings.width = request.height or settings.height, request.width or settings.width
-    settings.validate(limits=limits)
+    device, precision, settings, limits = resolve_run(request, config, strength=request.strength)
     init_paths = list_init_images(request.init)
     prompts, loras = _loras(request, prompts)
-    model = _load_model(request.model, device, precision, loras)
+    model = load_model(request.model, device, precision, loras)
     settings.validate(model.schedule.num_train_timesteps, limits)
     inits = [inspect_init_image(path, model, request.height, request.width) for path in init_paths]
     per_init = len(prompts) * request.num_images
     seed = resolve_seed(request.seed, len(inits) * per_init)
 
-    pipeline = _pipeline(model, device, precision, config)
-    base = {**_base_metadata("img2img", settings, pipeline), **_lora_metadata(loras)}
+    pipeline = make_pipeline(model, device, precision, config)
+    base = {**base_metadata("img2img", settings, pipeline), **_lora_metadata(loras)}
     folder, written = OutputFolder(request.out), []
     kept: Optional[list[torch.Tensor]] = [] if request.grid else None
     for number, init in enumerate(inits):
@@ -360,7 +254,7 @@ def run_img2img(request: SampleRequest, config: SampleConfig) -> Written:
                 for i, prompt in enumerate(p for p in prompts for _ in range(request.num_images))]
         meta = {**base, **_init_metadata(init, settings)}
         _write_batches(pipeline, jobs, settings, request.batch_size, folder, meta, request.json_sidecar, written, kept)
-    grid = folder.write_grid(kept, _grid_columns(len(kept), per_init), written[0], written[-1]) if kept else None
+    grid = folder.write_grid(kept, grid_columns(len(kept), per_init), written[0], written[-1]) if kept else None
     return Written(written, grid)
 
 
@@ -373,92 +267,3 @@ def _init_metadata(init: InitImage, settings: SamplingSettings) -> dict[str, Any
         "width": init.size[0],
         "height": init.size[1],
     }
-
-
-def settings_from_metadata(meta: dict[str, Any], image: Path, limits: SamplingLimits) -> SamplingSettings:
-    """The sampling settings an image's metadata records, type-checked and validated."""
-    settings = SamplingSettings.from_metadata(meta, str(image))
-    settings.validate(limits=limits)
-    return settings
-
-
-def check_replay_model(
-    loaded: LatentDiffusion, model: Path, meta: dict[str, Any], image: Path, device: torch.device,
-    settings: SamplingSettings, limits: SamplingLimits,
-) -> None:
-    """Step limits and sizes (errors), and notes when model, device or version differ from the image's."""
-    settings.validate(loaded.schedule.num_train_timesteps, limits)
-    check_image_size(settings.height, settings.width, loaded)
-    if loaded.bundle.content_hash != meta.get("model_hash"):
-        print(f"note: {model} is not the model {Path(image).name} was made with (content hash differs); pixels will differ")
-    if meta.get("device") not in (None, device.type):
-        print(f"note: {Path(image).name} was made on {meta['device']}, this replay runs on {device.type}; pixels may differ slightly")
-    if meta.get("ldm_version") not in (None, __version__):
-        # another version may run other kernels (layouts, fused ops), which round differently
-        print(f"note: {Path(image).name} was made with ldm {meta['ldm_version']}, this is ldm {__version__}; pixels may differ slightly")
-
-
-def replay_identity(loaded: LatentDiffusion, device: torch.device) -> dict[str, Any]:
-    """What a replayed image records about where it was remade."""
-    return {"model": str(loaded.bundle.path.resolve()), "model_hash": loaded.bundle.content_hash,
-            "ldm_version": __version__, "device": device.type}
-
-
-def run_replay(
-    image: Path, out: Path, config: SampleConfig, model: Optional[Path] = None, device_name: str = "auto",
-    init: Optional[Path] = None, json_sidecar: bool = False,
-) -> Written:
-    """`ldm sample --replay IMAGE.png`: the same pixels again, from the image's own metadata."""
-    meta = read_metadata(image)
-    if model is None:
-        model = Path(meta["model"])
-        if not model.exists():
-            raise UsageError(f"the model recorded in {image} ({model}) is not here; pass --model")
-    _check_out(out)
-    if meta["mode"] == "inpaint":
-        from ldm_cli.sampling.inpaint import replay_inpaint
-
-        request = SampleRequest(out=out, model=model, device=device_name, json_sidecar=json_sidecar)
-        return replay_inpaint(meta, image, request, config, init, None)
-    device = resolve_device(device_name)
-    precision = resolve_precision(meta["precision"], device)
-    img2img = meta["mode"] == "img2img"
-    limits = limits_of(config)
-    settings = settings_from_metadata(meta, image, limits)
-    batch = meta.get("batch") or {"seeds": [meta["seed"]], "prompts": [meta["prompt"]]}
-    _check_replay_batch(batch, meta, image, limits)
-    init_path = Path(init or meta.get("init_image") or "") if img2img else None
-    if init_path is not None and not init_path.is_file():
-        raise DataError(f"the init image of {image} is no longer at {init_path}; put it back there to replay")
-    if init_path is not None and file_sha256(init_path) != meta["init_sha256"]:
-        raise DataError(f"{init_path} is not the init image {image} was made from (its sha256 differs)")
-    loaded = _load_model(model, device, precision, replay_loras(meta.get("loras") or [], Path(image)))
-    check_replay_model(loaded, model, meta, image, device, settings, limits)
-
-    pipeline = _pipeline(loaded, device, precision, replace(config, compile=bool(meta.get("compiled", False))))
-    latent = None
-    if init_path is not None:
-        resized_to = tuple(meta["init_resized_to"]) if meta.get("init_resized_to") else None
-        plan = inspect_init_image(init_path, loaded, settings.height, settings.width, resized_to, replay=True)  # type: ignore[arg-type]
-        latent = InitLatent(pipeline.encode_image(plan.pixels()), key=plan.sha256)
-    jobs = [ImageJob(prompt, int(seed), latent) for prompt, seed in zip(batch["prompts"], batch["seeds"])]
-    position = [job.seed for job in jobs].index(int(meta["seed"]))
-    _, images = next(iter(pipeline.generate(jobs, settings, batch_size=len(jobs))))
-    replayed = {**meta, **replay_identity(loaded, device)}
-    path = OutputFolder(out).write_image(tensor_to_pil(images[position]), int(meta["seed"]), replayed, json_sidecar)
-    return Written([path])
-
-
-def _check_replay_batch(batch: Any, meta: dict[str, Any], image: Path, limits: SamplingLimits) -> None:
-    """A replayed image's batch comes from an untrusted file: the right types, a bounded size, its own seed in it."""
-    seeds, prompts = (batch.get("seeds"), batch.get("prompts")) if isinstance(batch, dict) else (None, None)
-    if (
-        not isinstance(seeds, list) or not isinstance(prompts, list) or len(seeds) != len(prompts)
-        or not all(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED for seed in seeds)
-        or not all(isinstance(prompt, str) for prompt in prompts) or meta["seed"] not in seeds
-    ):
-        raise DataError(f"the batch recorded in {image} is malformed (seeds, prompts); it cannot be replayed")
-    if len(seeds) > limits.max_batch_size:
-        raise UsageError(
-            f"{image} was made in a batch of {len(seeds)}, over the limit of {limits.max_batch_size} (raise it with max_batch_size=N)"
-        )

@@ -24,11 +24,16 @@ from ldm_cli.bundle import file_sha256
 from ldm_cli.data.images import tensor_to_pil
 from ldm_cli.errors import DataError, UsageError
 from ldm_cli.config import SampleConfig
-from ldm_cli.sampling import commands
-from ldm_cli.sampling.commands import SampleRequest, Written
+from ldm_cli.sampling.commands import (
+    SampleRequest, base_metadata, check_counts, limits_of, load_model, make_pipeline, read_prompts, resolve_run,
+    resolve_seed,
+)
 from ldm_cli.sampling.init_images import InitImage, inspect_init_image, list_init_images
+from ldm_cli.sampling.output import OutputFolder, Written, grid_columns
 from ldm_cli.sampling.pipeline import ImageJob, InitLatent, SamplingPipeline, SamplingSettings
+from ldm_cli.sampling.replay import check_replay_model, replay_identity, settings_from_metadata
 from ldm_cli.sampling.samplers import sample
+from ldm_cli.training.precision import resolve_device, resolve_precision
 
 ALPHA = "alpha"  # --mask alpha: the init's transparent pixels are repainted
 Denoise = Callable[[torch.Tensor, float], torch.Tensor]
@@ -203,43 +208,38 @@ def make_images(
 
 def run_inpaint(request: SampleRequest, options: InpaintOptions, config: SampleConfig) -> Written:
     """`ldm inpaint`: an init image, a mask and prompts → images, one at a time."""
-    prompts = commands.read_prompts(request.prompts, request.prompt_file)
-    commands._check_counts(request, config)
+    prompts = read_prompts(request.prompts, request.prompt_file)
+    check_counts(request, config)
     if request.init is None:
         raise UsageError("--init is required (the image to repaint)")
     if Path(request.init).is_dir():
         raise UsageError(f"--init {request.init} is a folder; ldm inpaint takes one image (and its --mask)")
     if options.mask_blur < 0:
         raise UsageError(f"--mask-blur must be >= 0 pixels, got {options.mask_blur}")
-    device = commands.resolve_device(request.device)
-    precision = commands.resolve_precision(request.precision, device)
-    settings = commands._settings(request, config, strength=request.strength)
-    limits = commands.limits_of(config)
-    settings.height, settings.width = request.height or settings.height, request.width or settings.width
-    settings.validate(limits=limits)
+    device, precision, settings, limits = resolve_run(request, config, strength=request.strength)
     init_path = list_init_images(request.init)[0]
-    model = commands._load_model(request.model, device, precision, inpainting_ok=True)
+    model = load_model(request.model, device, precision, inpainting_ok=True)
     settings.validate(model.schedule.num_train_timesteps, limits)
     init = inspect_init_image(init_path, model, request.height, request.width)
     mask = load_mask(options.mask, init.path, init.original_size, init.resized_to, init.size)
-    seed = commands.resolve_seed(request.seed, len(prompts) * request.num_images)
+    seed = resolve_seed(request.seed, len(prompts) * request.num_images)
     for note in (init.note(), mask.note):
         if note:
             print(note)
 
-    pipeline = commands._pipeline(model, device, precision, config)
-    base = {**commands._base_metadata("inpaint", settings, pipeline), **inpaint_metadata(init, mask, options, settings)}
+    pipeline = make_pipeline(model, device, precision, config)
+    base = {**base_metadata("inpaint", settings, pipeline), **inpaint_metadata(init, mask, options, settings)}
     pixels = init.pixels()
     latent = InitLatent(pipeline.encode_image(pixels), key=init.sha256)
     jobs = [ImageJob(prompt, seed + i, latent) for i, prompt in enumerate(p for p in prompts for _ in range(request.num_images))]
-    folder, written, kept = commands.OutputFolder(request.out), [], []
+    folder, written, kept = OutputFolder(request.out), [], []
     for job, image in zip(jobs, make_images(pipeline, jobs, settings, pixels, mask, options)):
         meta = {**base, "prompt": job.prompt, "seed": job.seed}
         written.append(folder.write_image(tensor_to_pil(image), job.seed, meta, request.json_sidecar))
         kept.append(image)
     grid = None
     if request.grid and kept:
-        grid = folder.write_grid(kept, commands._grid_columns(len(kept), request.num_images), written[0], written[-1])
+        grid = folder.write_grid(kept, grid_columns(len(kept), request.num_images), written[0], written[-1])
     return Written(written, grid)
 
 
@@ -259,23 +259,23 @@ def replay_inpaint(
     mask_source = mask or meta["mask"]
     if mask_source != ALPHA and not Path(mask_source).is_file():
         raise DataError(f"the mask of {image} is no longer at {mask_source}; put it back there (or pass --mask) to replay")
-    device = commands.resolve_device(request.device)
-    precision = commands.resolve_precision(meta["precision"], device)
-    limits = commands.limits_of(config)
-    settings = commands.settings_from_metadata(meta, image, limits)
-    model = commands._load_model(request.model, device, precision, inpainting_ok=True)
-    commands.check_replay_model(model, request.model, meta, image, device, settings, limits)
+    device = resolve_device(request.device)
+    precision = resolve_precision(meta["precision"], device)
+    limits = limits_of(config)
+    settings = settings_from_metadata(meta, image, limits)
+    model = load_model(request.model, device, precision, inpainting_ok=True)
+    check_replay_model(model, request.model, meta, image, device, settings, limits)
     resized_to = tuple(meta["init_resized_to"]) if meta.get("init_resized_to") else None
     plan = inspect_init_image(init_path, model, settings.height, settings.width, resized_to, replay=True)
     loaded_mask = load_mask(mask_source, plan.path, plan.original_size, plan.resized_to, plan.size)
     if loaded_mask.sha256 != meta["mask_sha256"]:
         raise DataError(f"{mask_source} is not the mask {image} was made with (its sha256 differs)")
     options = InpaintOptions(mask_source, float(meta.get("mask_blur", 0.0)), bool(meta.get("keep_unmasked", True)))
-    pipeline = commands._pipeline(model, device, precision, replace(config, compile=bool(meta.get("compiled", False))))
+    pipeline = make_pipeline(model, device, precision, replace(config, compile=bool(meta.get("compiled", False))))
     pixels = plan.pixels()
     latent = InitLatent(pipeline.encode_image(pixels), key=plan.sha256)
     job = ImageJob(meta["prompt"], int(meta["seed"]), latent)
     [result] = make_images(pipeline, [job], settings, pixels, loaded_mask, options)
-    replayed = {**meta, **commands.replay_identity(model, device)}
-    path = commands.OutputFolder(request.out).write_image(tensor_to_pil(result), job.seed, replayed, request.json_sidecar)
+    replayed = {**meta, **replay_identity(model, device)}
+    path = OutputFolder(request.out).write_image(tensor_to_pil(result), job.seed, replayed, request.json_sidecar)
     return Written([path])

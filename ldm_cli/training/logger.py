@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ldm_cli.atomic import atomic_file
+
 HEADER = ["step", "name", "value", "time"]
 
 
@@ -88,12 +90,9 @@ def _valid(row: list[str]) -> bool:
 
 
 def rewrite(path: Path, rows: list[list[str]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
+    # the run directory's stale-file clean-up knows this temporary's name
+    with atomic_file(path, "w", fsync=True, temporary=path.with_name(path.name + ".tmp")) as handle:
         csv.writer(handle).writerows([HEADER, *rows])
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def set_aside(path: Path) -> Path:

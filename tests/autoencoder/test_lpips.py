@@ -49,14 +49,6 @@ def lpips(weight_files):
     return load_lpips(str(vgg_path), str(heads_path))
 
 
-@pytest.fixture
-def hub_dir(tmp_path):
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield tmp_path / "hub"
-    torch.hub.set_dir(previous)
-
-
 def _reference_lpips(features, heads, x, y):
     """Straight from the paper: official slices of torchvision's VGG16, heads as 1x1 convs."""
     shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)

@@ -149,3 +149,31 @@ def test_an_error_raised_in_a_dataloader_worker_prints_as_its_own_line():
     )
     assert one_line(wrapped) == "shard 3 is damaged"
     assert one_line(ValueError("first\nsecond")) == "first"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_a_truncated_or_garbled_weights_file_is_one_line(tmp_path, damage):
+    from ldm_cli.bundle import read_safetensors
+
+    bundle = tiny_autoencoder_bundle(tmp_path / "vae")
+    weights = bundle.path / "autoencoder.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 100] if damage == "truncated" else (10**12).to_bytes(8, "little") + data[8:])
+    with pytest.raises(BundleError, match="autoencoder.safetensors is corrupt or truncated"):
+        read_safetensors(weights)
+
+
+def test_weights_read_equal_safetensors_own_reader(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from ldm_cli.bundle import read_safetensors
+
+    tensors = {"f32": torch.randn(3, 4), "bf16": torch.randn(5).bfloat16(), "i64": torch.arange(6).reshape(2, 3),
+               "empty": torch.zeros(0, 2), "scalar": torch.tensor(1.5), "bool": torch.tensor([True, False])}
+    save_file(tensors, tmp_path / "w.safetensors", metadata={"kind": "test"})
+    ours, theirs = read_safetensors(tmp_path / "w.safetensors"), load_file(tmp_path / "w.safetensors")
+    assert set(ours) == set(theirs)
+    for key, value in theirs.items():
+        assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
+    cast = read_safetensors(tmp_path / "w.safetensors", dtype=torch.bfloat16)
+    assert cast["f32"].dtype == torch.bfloat16 and cast["i64"].dtype == torch.int64 and cast["bool"].dtype == torch.bool

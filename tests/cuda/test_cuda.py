@@ -22,7 +22,7 @@ from ldm_cli.config import load_config
 from ldm_cli.diffusion.train import train_unet
 from ldm_cli.latents.encode import encode_dataset
 from ldm_cli.sampling.samplers import SAMPLERS
-from tests.conftest import TINY_VAE_OVERRIDES
+from tests.conftest import TINY_UNET_OVERRIDES, TINY_VAE_OVERRIDES
 from tests.sampling.helpers import write_tiny_latent_diffusion
 
 pytestmark = pytest.mark.cuda
@@ -30,11 +30,6 @@ pytestmark = pytest.mark.cuda
 DEVICE = os.environ.get("LDM_TEST_DEVICE", "cuda")
 PRECISIONS = ["bf16", "fp16"] if DEVICE == "cuda" else ["fp32"]  # the CPU dry run checks the logic only
 
-UNET = [
-    "unet=tiny", "unet.block_out_channels=[16,32]", "unet.down_block_types=[CrossAttnDownBlock2D,DownBlock2D]",
-    "unet.up_block_types=[UpBlock2D,CrossAttnUpBlock2D]", "unet.attention_head_dim=2", "unet.norm_num_groups=8",
-    "text_encoder=tiny", "text_encoder.max_length=16",
-]
 TRAIN = [
     "train=diffusion_tiny", "train.batch_size=4", "train.log_every=1", "train.eval_every=2", "train.eval_batches=1",
     "train.image_every=4", "train.checkpoint_every=2", "objective.validation_prompts=[a red circle]",
@@ -73,7 +68,7 @@ def test_every_stage_runs_on_the_gpu(precision, shapes_dir, tmp_path):
     index = encode_dataset(tmp_path / "vae", encode_config, tmp_path / "latents", cache_text=True, device_name=DEVICE)
     assert index["complete"] and index["count"] == 24
     # 3. train-diffusion (EMA on)
-    overrides = [*UNET, *TRAIN, "train.max_steps=4", f"train.precision={precision}", "train.ema_decay=0.9"]
+    overrides = [*TINY_UNET_OVERRIDES, *TRAIN, "train.max_steps=4", f"train.precision={precision}", "train.ema_decay=0.9"]
     train_unet(load_config("train_diffusion", overrides), tmp_path / "latents", tmp_path / "unet", overrides, device_name=DEVICE)
     assert finite(load_bundle(tmp_path / "unet", kind="latent-diffusion").tensors("unet"))
     # 4. sample, 5. img2img
@@ -112,7 +107,7 @@ def test_resume_with_ema_is_exact_with_deterministic_kernels(shapes_dir, tmp_pat
     encode_config = load_config("encode", [f"data.path={shapes_dir}", "text_encoder=tiny", "text_encoder.max_length=16"])
     model = write_tiny_latent_diffusion(tmp_path / "model")  # its autoencoder encodes
     encode_dataset(model, encode_config, tmp_path / "latents", cache_text=True, device_name=DEVICE)
-    overrides = [*UNET, *TRAIN, "train.precision=fp32", "train.ema_decay=0.9", "train.deterministic=true"]
+    overrides = [*TINY_UNET_OVERRIDES, *TRAIN, "train.precision=fp32", "train.ema_decay=0.9", "train.deterministic=true"]
 
     def run(out: Path, steps: int, resume: bool = False) -> None:
         extra = [f"train.max_steps={steps}"]

@@ -21,17 +21,8 @@ from ldm_cli.diffusion.load import load_latent_diffusion
 from ldm_cli.diffusion.train import train_unet
 from ldm_cli.errors import IncompatibleError
 from ldm_cli.latents.encode import encode_dataset
+from tests.conftest import TINY_UNET_OVERRIDES
 
-UNET = [
-    "unet=tiny",
-    "unet.block_out_channels=[16,32]",
-    "unet.down_block_types=[CrossAttnDownBlock2D,DownBlock2D]",
-    "unet.up_block_types=[UpBlock2D,CrossAttnUpBlock2D]",
-    "unet.attention_head_dim=2",
-    "unet.norm_num_groups=8",
-    "text_encoder=tiny",
-    "text_encoder.max_length=16",
-]
 TRAIN = [
     "train=diffusion_tiny",
     "train.batch_size=4",
@@ -63,7 +54,7 @@ def latents(shapes_dir, tmp_path_factory) -> Path:
 
 
 def run(latents, out, steps, extra=(), resume=False, init_from=None):
-    overrides = [*UNET, *TRAIN, f"train.max_steps={steps}", *extra]
+    overrides = [*TINY_UNET_OVERRIDES, *TRAIN, f"train.max_steps={steps}", *extra]
     config = load_config("train_diffusion", overrides)
     return train_unet(config, latents, out, overrides if not resume else [f"train.max_steps={steps}"], resume=resume, device_name="cpu", init_from=init_from)
 
@@ -187,7 +178,7 @@ def torchrun_train(latents: Path, out: Path, overrides: list[str]) -> subprocess
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_same_global_batch(latents, tmp_path):
-    common = [*UNET, *TRAIN, "train.max_steps=2", "objective.caption_dropout=0.5"]
+    common = [*TINY_UNET_OVERRIDES, *TRAIN, "train.max_steps=2", "objective.caption_dropout=0.5"]
     single = load_config("train_diffusion", [*common, "train.batch_size=4"])
     train_unet(single, latents, tmp_path / "single", [*common, "train.batch_size=4"], device_name="cpu")
     result = torchrun_train(latents, tmp_path / "ddp", [*common, "train.batch_size=2"])
@@ -211,7 +202,7 @@ def test_two_processes_train_with_bf16_weights(latents, tmp_path):
     """DDP all-reduces the bf16 gradients of the bf16 U-Net; the result is single-process training up to bf16
     rounding."""
     bf16 = ["train.precision=bf16", "train.bf16_weights=true", "train.lr=1e-3"]
-    common = [*UNET, *TRAIN, "train.max_steps=2", *bf16]
+    common = [*TINY_UNET_OVERRIDES, *TRAIN, "train.max_steps=2", *bf16]
     initial = unet_weights(run(latents, tmp_path / "initial", 1, ["train.lr=1e-12"]))
     single = unet_weights(run(latents, tmp_path / "single", 2, bf16))
     torchrun_train(latents, tmp_path / "ddp", [*common, "train.batch_size=2"])
@@ -297,7 +288,7 @@ def test_bf16_weights_config_errors(overrides, message):
     from ldm_cli.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        load_config("train_diffusion", [*UNET, *TRAIN, *overrides])
+        load_config("train_diffusion", [*TINY_UNET_OVERRIDES, *TRAIN, *overrides])
 
 
 def test_bf16_weights_are_refused_for_the_autoencoder():
@@ -311,7 +302,7 @@ def test_resume_repeats_the_runs_own_group_choices_and_refuses_another_architect
     from ldm_cli.errors import RunDirError
 
     run(latents, tmp_path / "run", 2)
-    again = [*UNET, *TRAIN, "train.max_steps=3"]  # the original overrides (groups unet, text_encoder, train), longer
+    again = [*TINY_UNET_OVERRIDES, *TRAIN, "train.max_steps=3"]  # the original overrides (groups unet, text_encoder, train), longer
     train_unet(load_config("train_diffusion", again), latents, tmp_path / "run", again, resume=True, device_name="cpu")
     assert load_bundle(tmp_path / "run").meta["trained_steps"] == 3
     wider = [*again, "unet.block_out_channels=[16,48]", "train.max_steps=4"]
@@ -326,7 +317,7 @@ def test_sigterm_under_torchrun_stops_every_process_and_saves_a_checkpoint(laten
     import time
 
     out = tmp_path / "ddp"
-    overrides = [*UNET, *TRAIN, "train.max_steps=500", "train.batch_size=2", "train.checkpoint_every=1000",
+    overrides = [*TINY_UNET_OVERRIDES, *TRAIN, "train.max_steps=500", "train.batch_size=2", "train.checkpoint_every=1000",
                  "train.eval_every=1000", "train.image_every=1000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     command = [
@@ -369,7 +360,7 @@ def test_train_step_metrics_stay_on_the_device(latents, tmp_path):
     from ldm_cli.latents.dataset import LatentDataset, collate_latents
     from ldm_cli.training.distributed import DistInfo
 
-    config = load_config("train_diffusion", [*UNET, *TRAIN, "train.grad_clip=1.0"])
+    config = load_config("train_diffusion", [*TINY_UNET_OVERRIDES, *TRAIN, "train.grad_clip=1.0"])
     data = LatentDataset(latents)
     config.unet.cross_attention_dim = 32
     cpu = torch.device("cpu")

@@ -41,15 +41,6 @@ REFERENCE_CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models on a shared 2-core box: extra intra-op threads only spin (measured 3-4x slower)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pair(config: UNetConfig) -> tuple[torch.nn.Module, UNet]:
     torch.manual_seed(0)
     reference = diffusers.UNet2DConditionModel(**config.to_diffusers_config()).eval()

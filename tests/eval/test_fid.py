@@ -57,14 +57,6 @@ def fid_weights(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture
-def hub_dir(tmp_path):
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield tmp_path / "hub"
-    torch.hub.set_dir(previous)
-
-
 # --- Fréchet distance --------------------------------------------------------------------------
 
 

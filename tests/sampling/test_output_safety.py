@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ldm_cli.errors import DataError
-from ldm_cli.sampling.commands import OutputFolder
+from ldm_cli.sampling.output import OutputFolder
 from ldm_cli.sampling.metadata import png_info, read_metadata
 
 META = {
@@ -64,7 +64,7 @@ def test_a_disk_filling_while_writing_an_image_leaves_nothing_and_is_one_line(tm
         import resource, signal
         from PIL import Image
         from ldm_cli.errors import LdmError
-        from ldm_cli.sampling.commands import OutputFolder
+        from ldm_cli.sampling.output import OutputFolder
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
         noise = Image.effect_noise((256, 256), 64).convert("RGB")
