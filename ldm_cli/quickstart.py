@@ -43,7 +43,8 @@ PRESET = {
     ],
     "sample_steps": 25,
     "guidance_scale": 4.0,
-    "adherence_prompts": 64,
+    "adherence_prompts": 256,  # random prompts: a rate near 90% is then known to about ±4 points
+    "held_out_prompts": 128,  # prompts asking only for the held-out pairs, at every size, position, background
 }
 
 
@@ -112,26 +113,33 @@ def img2img_strip(model: Path, init: Path, out: Path, device_name: str, strength
     return strip
 
 
-def adherence(model: Path, out: Path, device_name: str) -> dict[str, float]:
+def adherence(model: Path, out: Path, device_name: str) -> dict[str, dict]:
+    """Score random prompts and, apart, prompts for the held-out pairs; one report (rates with Wilson
+    95% intervals, breakdowns, confusion matrices) per set."""
     from PIL import Image
 
-    from ldm_cli.eval.adherence import adherence_prompts, score_adherence
+    from ldm_cli.eval.adherence import adherence_prompts, adherence_report, summary_line
 
-    prompts = adherence_prompts(PRESET["adherence_prompts"])
-    paths = _sample(model, out, prompts, device_name, seed=1000)
-    scores = score_adherence([Image.open(path).convert("RGB") for path in paths], prompts)
-    typer.echo("      " + ", ".join(f"{name} {value:.0%}" for name, value in scores.items()))
-    return scores
+    sets = {
+        "random": adherence_prompts(PRESET["adherence_prompts"], seed=1),
+        "held_out": adherence_prompts(PRESET["held_out_prompts"], seed=2, pairs=HELD_OUT_PAIRS),
+    }
+    reports = {}
+    for name, prompts in sets.items():
+        paths = _sample(model, out / name, prompts, device_name, seed=1000)
+        reports[name] = adherence_report([Image.open(path).convert("RGB") for path in paths], prompts)
+        typer.echo(f"      {name.replace('_', '-')}: {summary_line(reports[name])}")
+    return reports
 
 
 def print_summary(out: Path, summary: dict) -> None:
-    adherence_scores, vae = summary["adherence"], summary["vae"]
+    from ldm_cli.eval.adherence import summary_line
+
+    vae = summary["vae"]
     typer.secho(f"\nquickstart finished in {summary['total_seconds'] / 60:.1f} min", bold=True)
     typer.echo(f"  autoencoder: held-out PSNR {vae['psnr']:.2f} dB, SSIM {vae['ssim']:.3f}")
-    typer.echo(
-        f"  prompt adherence: colour {adherence_scores['colour']:.0%}, shape {adherence_scores['shape']:.0%}, "
-        f"both {adherence_scores['colour_and_shape']:.0%} (of {PRESET['adherence_prompts']} random prompts)"
-    )
+    typer.echo(f"  prompt adherence, random prompts: {summary_line(summary['adherence']['random'])} (95% intervals)")
+    typer.echo(f"  prompt adherence, held-out pairs: {summary_line(summary['adherence']['held_out'])}")
     typer.echo(f"  sample grid: {out / 'samples' / 'grid.png'}   img2img: {out / 'img2img' / 'strengths.png'}")
     typer.echo("\ncontinue from here:")
     typer.echo(f"  ldm sample --model {out / 'diffusion'} --prompt \"a large red square in the center on a black background\" -n 4 --out {out / 'mine'}")
@@ -199,7 +207,7 @@ def run_quickstart(out: Path, device_name: str = "auto", extra_vae: list[str] = 
     typer.echo(f"      strip: {strip}")
     _done(started, timings, "img2img")
 
-    started = _stage(7, f"prompt adherence: {PRESET['adherence_prompts']} random prompts, scored by a shape classifier")
+    started = _stage(7, f"prompt adherence: {PRESET['adherence_prompts']} random prompts and {PRESET['held_out_prompts']} for the held-out pairs, scored by a shape classifier")
     scores = adherence(model, out / "adherence", device_name)
     _done(started, timings, "adherence")
 
