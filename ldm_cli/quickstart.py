@@ -45,6 +45,7 @@ PRESET = {
     "guidance_scale": 4.0,
     "adherence_prompts": 256,  # random prompts: a rate near 90% is then known to about ±4 points
     "held_out_prompts": 128,  # prompts asking only for the held-out pairs, at every size, position, background
+    "reconstructions": 256,  # fresh shapes images the autoencoder round-trips: the adherence it lets through
 }
 
 
@@ -132,12 +133,32 @@ def adherence(model: Path, out: Path, device_name: str) -> dict[str, dict]:
     return reports
 
 
+def reconstruction_adherence(vae: Path, count: int, size: int, seed: int = 3) -> dict:
+    """Score the autoencoder's reconstructions of `count` freshly drawn images against their captions:
+    what the autoencoder loses (a colour shifted, a corner rounded) no diffusion model can bring back."""
+    import numpy as np
+    import torch
+
+    from ldm_cli.autoencoder.load import load_autoencoder
+    from ldm_cli.data.images import pil_to_tensor, tensor_to_pil
+    from ldm_cli.data.shapes import draw_shape_image
+    from ldm_cli.eval.adherence import adherence_report
+
+    autoencoder = load_autoencoder(vae)
+    drawn = [draw_shape_image(np.random.default_rng([seed, index]), size) for index in range(count)]
+    images = torch.stack([pil_to_tensor(image) for image, _, _ in drawn])
+    with torch.no_grad():
+        decoded = torch.cat([autoencoder.model.decode(autoencoder.model.encode(batch).mode()) for batch in images.split(64)])
+    return adherence_report([tensor_to_pil(image) for image in decoded], [caption for _, caption, _ in drawn])
+
+
 def print_summary(out: Path, summary: dict) -> None:
     from ldm_cli.eval.adherence import summary_line
 
     vae = summary["vae"]
     typer.secho(f"\nquickstart finished in {summary['total_seconds'] / 60:.1f} min", bold=True)
-    typer.echo(f"  autoencoder: held-out PSNR {vae['psnr']:.2f} dB, SSIM {vae['ssim']:.3f}")
+    typer.echo(f"  autoencoder: held-out PSNR {vae['psnr']:.2f} dB, SSIM {vae['ssim']:.3f}; "
+               f"its reconstructions scored: {summary_line(vae['reconstruction_adherence'])}")
     typer.echo(f"  prompt adherence, random prompts: {summary_line(summary['adherence']['random'])} (95% intervals)")
     typer.echo(f"  prompt adherence, held-out pairs: {summary_line(summary['adherence']['held_out'])}")
     typer.echo(f"  sample grid: {out / 'samples' / 'grid.png'}   img2img: {out / 'img2img' / 'strengths.png'}")
@@ -161,6 +182,7 @@ def _done(started: float, timings: dict[str, float], name: str) -> None:
 def run_quickstart(out: Path, device_name: str = "auto", extra_vae: list[str] = (), extra_diffusion: list[str] = ()) -> dict:
     from ldm_cli.autoencoder.train import train_autoencoder
     from ldm_cli.diffusion.train import train_unet
+    from ldm_cli.eval.adherence import summary_line
     from ldm_cli.latents.encode import encode_dataset
 
     out = Path(out)
@@ -182,6 +204,8 @@ def run_quickstart(out: Path, device_name: str = "auto", extra_vae: list[str] = 
         train_autoencoder(load_config("train_vae", vae_overrides), out / "vae", vae_overrides, device_name=device_name)
     vae_meta = json.loads((out / "vae" / "bundle" / "bundle.json").read_text())
     typer.echo(f"      held-out reconstruction: PSNR {vae_meta['holdout_metrics']['psnr']:.2f} dB, SSIM {vae_meta['holdout_metrics']['ssim']:.3f}")
+    reconstructed = reconstruction_adherence(out / "vae", PRESET["reconstructions"], PRESET["size"])
+    typer.echo(f"      reconstructions of fresh images, scored: {summary_line(reconstructed)}")
     _done(started, timings, "train-vae")
 
     started = _stage(3, "ldm encode (latents + cached MiniLM text embeddings)")
@@ -211,6 +235,6 @@ def run_quickstart(out: Path, device_name: str = "auto", extra_vae: list[str] = 
     scores = adherence(model, out / "adherence", device_name)
     _done(started, timings, "adherence")
 
-    summary = {"vae": vae_meta["holdout_metrics"], "adherence": scores, "seconds": timings, "total_seconds": time.perf_counter() - total_start}
+    summary = {"vae": {**vae_meta["holdout_metrics"], "reconstruction_adherence": reconstructed}, "adherence": scores, "seconds": timings, "total_seconds": time.perf_counter() - total_start}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

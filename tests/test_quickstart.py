@@ -45,3 +45,13 @@ def test_adherence_stage_reports_random_and_held_out_prompts_with_intervals(tmp_
     asked = {colour for rows in reports["held_out"]["colour_confusion"].values() for colour in rows}
     assert asked <= {colour for colour, _ in HELD_OUT_PAIRS}
     json.dumps(reports)  # summary.json takes it as it is
+
+
+def test_reconstruction_adherence_scores_the_autoencoders_round_trip(tmp_path):
+    from ldm_cli.quickstart import reconstruction_adherence
+    from tests.sampling.helpers import write_tiny_latent_diffusion
+
+    model = write_tiny_latent_diffusion(tmp_path / "model", resolution=32)  # random weights: shapes are lost
+    report = reconstruction_adherence(model, 8, 32)
+    assert report["prompts"] == 8 and report["colour_and_shape"]["n"] == 8
+    assert report["colour_and_shape"]["rate"] < 0.5
