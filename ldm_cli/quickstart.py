@@ -158,7 +158,7 @@ def print_summary(out: Path, summary: dict) -> None:
     vae = summary["vae"]
     typer.secho(f"\nquickstart finished in {summary['total_seconds'] / 60:.1f} min", bold=True)
     typer.echo(f"  autoencoder: held-out PSNR {vae['psnr']:.2f} dB, SSIM {vae['ssim']:.3f}; "
-               f"its reconstructions scored: {summary_line(vae['reconstruction_adherence'])}")
+               f"its reconstructions scored: {summary_line(vae['reconstruction_adherence'], 'images')}")
     typer.echo(f"  prompt adherence, random prompts: {summary_line(summary['adherence']['random'])} (95% intervals)")
     typer.echo(f"  prompt adherence, held-out pairs: {summary_line(summary['adherence']['held_out'])}")
     typer.echo(f"  sample grid: {out / 'samples' / 'grid.png'}   img2img: {out / 'img2img' / 'strengths.png'}")
@@ -205,7 +205,7 @@ def run_quickstart(out: Path, device_name: str = "auto", extra_vae: list[str] = 
     vae_meta = json.loads((out / "vae" / "bundle" / "bundle.json").read_text())
     typer.echo(f"      held-out reconstruction: PSNR {vae_meta['holdout_metrics']['psnr']:.2f} dB, SSIM {vae_meta['holdout_metrics']['ssim']:.3f}")
     reconstructed = reconstruction_adherence(out / "vae", PRESET["reconstructions"], PRESET["size"])
-    typer.echo(f"      reconstructions of fresh images, scored: {summary_line(reconstructed)}")
+    typer.echo(f"      reconstructions of fresh images, scored: {summary_line(reconstructed, 'images')}")
     _done(started, timings, "train-vae")
 
     started = _stage(3, "ldm encode (latents + cached MiniLM text embeddings)")

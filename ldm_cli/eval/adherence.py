@@ -108,10 +108,10 @@ def adherence_report(images: list[Image.Image], prompts: list[str]) -> dict:
     return report
 
 
-def summary_line(report: dict) -> str:
-    """'colour 96% (94–98), shape …, both 91% (87–94) of 256 prompts'."""
+def summary_line(report: dict, noun: str = "prompts") -> str:
+    """'colour 96% (94%–98%), shape …, both 91% (87%–94%) of 256 prompts'."""
     def one(name: str, label: str) -> str:
         entry = report[name]
         return f"{label} {entry['rate']:.0%} ({entry['low']:.0%}–{entry['high']:.0%})"
 
-    return f"{one('colour', 'colour')}, {one('shape', 'shape')}, {one(JOINT, 'both')} of {report['prompts']} prompts"
+    return f"{one('colour', 'colour')}, {one('shape', 'shape')}, {one(JOINT, 'both')} of {report['prompts']} {noun}"
