@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
@@ -31,7 +31,8 @@ MODEL_KEYS = {
     "autoencoder": ("autoencoder", "latent_scale", "resolution"),
     "latent-diffusion": ("unet", "schedule", "text_encoder", "autoencoder", "resolution"),
 }
-_verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256 already checked in this process
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+_verified_cache: dict[str, "VerifiedHashes"] = {}  # the one VerifiedHashes of this process
 
 
 @dataclass
@@ -53,22 +54,25 @@ class Bundle:
         except KeyError:
             raise BundleError(f"bundle {self.path} has no '{name}' entry (it has: {', '.join(self.meta.get('files', {}))})") from None
 
-    def tensors(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """The weights of one file, after checking them against the sha256 that bundle.json records."""
+    def tensors(self, name: str, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+        """The weights of one file, after checking them against the sha256 that bundle.json records;
+        floating-point ones in `dtype` when given."""
         path = self.file(name)
         verify_sha256(path, self.meta.get("hashes", {}).get(name))
-        return read_safetensors(path, device)
+        return read_safetensors(path, device, dtype)
 
 
 def verify_sha256(path: Path, expected: str | None) -> None:
-    """Refuse a weight file whose bytes are not the ones the bundle was written with."""
+    """Refuse a weight file whose bytes are not the ones the bundle was written with.
+
+    A file already verified (or written by ldm) is not read again while its size, inode, mtime and
+    ctime are unchanged: `verified_hashes` remembers them across processes, as git's index does, so
+    an SD-size model is hashed once, not at every start. Any write to the file changes its ctime."""
     if not path.is_file():
         raise BundleError(f"weights file {path} is missing")
     if expected is None:
         raise BundleError(f"{path.parent / BUNDLE_JSON} records no sha256 for {path.name}; the bundle is incomplete")
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if _verified.get(key) == expected:
+    if verified_hashes().get(path) == expected:
         return
     actual = file_sha256(path)
     if actual != expected:
@@ -76,14 +80,67 @@ def verify_sha256(path: Path, expected: str | None) -> None:
             f"weights file {path} is corrupt: its sha256 is {actual[:12]}…, {BUNDLE_JSON} records {str(expected)[:12]}…; "
             "restore the file or re-create the bundle"
         )
-    _verified[key] = actual
+    verified_hashes().remember(path, actual)
 
 
-def check_shapes(build: Callable[[], torch.nn.Module], weights: dict[str, torch.Tensor], what: str) -> None:
-    """Compare the weights with the model a config describes, built on the meta device (no memory),
-    so a bundle.json claiming a huge architecture is refused before anything is allocated."""
+class VerifiedHashes:
+    """sha256s of files checked before, keyed by the file's identity and change stamps, in a small JSON
+    file under the user's cache folder (`LDM_CACHE_DIR`, else `$XDG_CACHE_HOME/ldm`, else ~/.cache/ldm).
+    A cache that cannot be read or written only costs a re-hash."""
+
+    MAX_ENTRIES = 512
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        try:
+            entries = json.loads(file.read_text())
+            self.entries: dict[str, str] = entries if isinstance(entries, dict) else {}
+        except (OSError, ValueError):
+            self.entries = {}
+
+    @staticmethod
+    def stamp(path: Path) -> str:
+        stat = path.stat()
+        return f"{path.resolve()}|{stat.st_dev}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+
+    def get(self, path: Path) -> Optional[str]:
+        return self.entries.get(self.stamp(path))
+
+    def remember(self, path: Path, sha256: str) -> None:
+        self.entries[self.stamp(path)] = sha256
+        self.entries = dict(list(self.entries.items())[-self.MAX_ENTRIES:])
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            staged = self.file.with_name(f".{self.file.name}.{os.getpid()}")
+            staged.write_text(json.dumps(self.entries))
+            os.replace(staged, self.file)
+        except OSError:
+            pass
+
+
+def verified_hashes() -> VerifiedHashes:
+    root = os.environ.get("LDM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm"
+    file = Path(root).expanduser() / "verified-sha256.json"
+    if _verified_cache.get("file") is None or _verified_cache["file"].file != file:
+        _verified_cache["file"] = VerifiedHashes(file)
+    return _verified_cache["file"]
+
+
+def build_from_weights(build: Callable[[], ModuleT], weights: dict[str, torch.Tensor], what: str) -> ModuleT:
+    """The model `build` describes, holding `weights` themselves (their dtype and device, no copy).
+
+    It is built on the meta device: no random initialisation, no second copy of the weights, and a
+    bundle.json claiming a huge architecture is refused before anything is allocated."""
     with torch.device("meta"):
-        expected = {key: tuple(value.shape) for key, value in build().state_dict().items()}
+        model = build()
+    check_shapes(model, weights, what)
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model
+
+
+def check_shapes(model: torch.nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
+    """Compare the weights with `model`'s state dict (names and shapes), naming the first difference."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
@@ -123,16 +180,22 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_safetensors(path: Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; floating-point ones cast to `dtype` one at a time as they are
+    read, so the file's dtype is never held in full beside the wanted one."""
+    from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
         raise BundleError(f"weights file {path} is missing")
+    tensors = {}
     try:
-        return load_file(str(path), device=str(device))
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                tensors[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     except (SafetensorError, OSError, ValueError) as error:
         raise BundleError(f"weights file {path} is corrupt or truncated ({error})") from error
+    return tensors
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -178,6 +241,8 @@ def write_bundle(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    for name, sha256 in hashes.items():  # hashed as written: loading it need not read it again
+        verified_hashes().remember(directory / files[name], sha256)
     return Bundle(directory, full_meta)
 
 

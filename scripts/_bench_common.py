@@ -81,7 +81,7 @@ def setup(args: argparse.Namespace) -> torch.device:
     """Threads, device, and a header saying what this run measures on; with --markdown, everything printed
     from here on also goes to the script's section of the markdown file when the script ends."""
     if getattr(args, "markdown", None):
-        _record_markdown(Path(args.markdown))
+        _record_markdown(Path(args.markdown), getattr(args, "preset", None))
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -339,11 +339,12 @@ class _Tee:
         return getattr(self.stream, name)
 
 
-def _record_markdown(path: Path) -> None:
+def _record_markdown(path: Path, preset: str | None = None) -> None:
+    """Tee stdout; at exit, write it as the section of this script and preset (each preset keeps its own)."""
     tee = _Tee(sys.stdout)
     sys.stdout = tee
-    script = Path(sys.argv[0]).name
-    command = " ".join(["python", f"scripts/{script}", *sys.argv[1:]])
+    script = Path(sys.argv[0]).name + (f" --preset {preset}" if preset else "")
+    command = " ".join(["python", f"scripts/{Path(sys.argv[0]).name}", *sys.argv[1:]])
     atexit.register(lambda: write_markdown_section(path, script, command, "".join(tee.parts)))
 
 

@@ -13,6 +13,13 @@ forward's achieved GFLOP/s against a plain 2048^3 matmul measured in the same ru
     python scripts/bench_sample.py                          # small U-Net, 16x16 latents, 20 steps
     python scripts/bench_sample.py --compile                # also ours with compile=true
     python scripts/bench_sample.py --preset sd15 --device cuda
+    python scripts/bench_sample.py --preset sd15 --process   # whole processes, fixed costs broken out (CPU default)
+
+`--process` (the default for sd15 on the CPU) runs every case as a user would, a fresh interpreter from
+start to PNG (`_bench_process.py`): txt2img at the preset's size in each precision, and in float32 a
+non-square txt2img and an img2img; each case's fixed costs are broken out, its steps timed, and its
+peak RSS taken, beside diffusers' StableDiffusionPipeline loaded with from_pretrained from the same
+weights saved by diffusers.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bench  # noqa: E402
+import _bench_process as process  # noqa: E402
 
 from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL  # noqa: E402
 from ldm_cli.bundle import write_bundle  # noqa: E402
@@ -71,8 +79,10 @@ class Preset:
 PRESETS = {
     "tiny": Preset("tiny", "tiny", 128, 2, 32, 5, "U-Net tiny.yaml, autoencoder tiny.yaml (f4), 32 px"),
     "small": Preset("small", "tiny", 384, 4, 64, 3, "U-Net small.yaml (41M), autoencoder tiny.yaml (f4), 64 px -> 16x16 latents"),
-    "sd15": Preset("sd15", "kl_f8", 768, 12, 512, 3, "SD-1.5 U-Net, kl-f8, CLIP-L-sized text encoder, 512 px; GPU"),
+    "sd15": Preset("sd15", "kl_f8", 768, 12, 512, 3, "SD-1.5 U-Net, kl-f8, CLIP-L-sized text encoder, 512 px"),
 }
+PROCESS_STEPS = 4  # measured DDIM steps per whole-process case: the first, and three to take a median of
+PROJECTED_STEPS = 25  # whole-process times are also given at this many steps: fixed part + steps x median step
 
 
 @dataclass
@@ -303,8 +313,12 @@ def main() -> None:
                                      epilog=__doc__.split("\n\n", 2)[2])
     bench.add_common_arguments(parser, {name: preset.description for name, preset in PRESETS.items()}, "small",
                                steps_means_repeats=False)
-    parser.add_argument("--steps", "--sampling-steps", dest="sampling_steps", type=int, default=20,
-                        help="DDIM steps per image (default 20)")
+    parser.add_argument("--steps", "--sampling-steps", dest="sampling_steps", type=int, default=None,
+                        help=f"DDIM steps per image (default 20; {PROCESS_STEPS} with --process)")
+    parser.add_argument("--process", action=argparse.BooleanOptionalAction, default=None,
+                        help="time whole processes, start to PNG, with fixed costs broken out (default: sd15 on the CPU)")
+    parser.add_argument("--models", type=Path, default=None,
+                        help="--process: keep the random models in this folder and reuse them (default: a scratch folder)")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--compile", action="store_true",
                         help="also time ours with compile=true (torch.compile; compiles once, reported separately)")
@@ -316,6 +330,11 @@ def main() -> None:
     preset = PRESETS[args.preset]
     device = bench.setup(args)
     chosen = bench.precisions(args.precision)
+    if args.process if args.process is not None else (args.preset == "sd15" and device.type == "cpu"):
+        if device.type != "cpu":
+            raise SystemExit("--process measures CPU processes; use it with --device cpu")
+        return run_processes(args, preset, chosen)
+    args.sampling_steps = args.sampling_steps or 20
     names = [f"{side} {precision}" for precision in chosen for side in ("ours", "diffusers")]
     compiled = [f"ours {precision} compiled" for precision in chosen] if args.compile else []
     repeats = args.repeats or preset.repeats
@@ -361,6 +380,104 @@ def main() -> None:
     report_summary(names + compiled, timings, images, memory, forward_timings, flops)
     if device.type == "cpu":
         print("note: on a shared CPU these timings are noisy; rerun with more --repeats before drawing conclusions")
+
+
+# -------------------------------------------------------------------------------- whole processes
+
+
+def prepare_models(folder: Path, preset: Preset, resolution: int, seed: int) -> tuple[Path, Path]:
+    """Our bundle and diffusers' save_pretrained folder of the same random weights, made once per folder."""
+    ours, theirs = folder / "ldm", folder / "diffusers"
+    if not (ours / "model" / "bundle.json").is_file():
+        print(f"writing the random {preset.unet} model to {folder} ...", flush=True)
+        write_random_model(ours, preset, resolution, seed)
+    if not (theirs / "model_index.json").is_file():
+        diffusers_pipeline(load_latent_diffusion(ours / "model"), torch.device("cpu")).save_pretrained(theirs)
+    return ours / "model", theirs
+
+
+def init_image(folder: Path, height: int, width: int) -> Path:
+    """scikit-image's astronaut photo, resized: the img2img cases' init image."""
+    from PIL import Image
+    from skimage.data import astronaut
+
+    path = folder / f"init-{width}x{height}.png"
+    if not path.is_file():
+        Image.fromarray(astronaut()).resize((width, height), Image.LANCZOS).save(path)
+    return path
+
+
+def process_cases(args: argparse.Namespace, ours: Path, theirs: Path, scratch: Path, chosen: list[str]) -> list[process.ProcessCase]:
+    """txt2img at the preset's size in each precision; in float32 (the first precision chosen) also a
+    non-square txt2img (1.5x the width) and an img2img at strength 0.6. Ours and diffusers' alternate."""
+    side = args.resolution or PRESETS[args.preset].resolution
+    sigma_max = get_sigmas(load_latent_diffusion(ours).schedule, args.sampling_steps, SPACING)[0].item()
+    shapes = [(precision, side, side, None) for precision in chosen]
+    shapes += [(chosen[0], side, side * 3 // 2, None), (chosen[0], side, side, init_image(scratch, side, side))]
+    cases = []
+    for precision, height, width, init in shapes:
+        for name, model in (("ours", ours), ("diffusers", theirs)):
+            case = process.ProcessCase(
+                name, precision, str(model), height, width, args.sampling_steps, args.guidance_scale, args.seed, "",
+                args.threads, str(init) if init else None, sigma_max=sigma_max,
+            )
+            case.out = str(scratch / case.name.replace(" ", "-"))
+            cases.append(case)
+    return cases
+
+
+def run_processes(args: argparse.Namespace, preset: Preset, chosen: list[str]) -> None:
+    args.sampling_steps = args.sampling_steps or PROCESS_STEPS
+    with contextlib.ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-process-")))
+        folder = args.models or scratch / "models"
+        ours, theirs = prepare_models(folder, preset, args.resolution or preset.resolution, args.seed)
+        cases = process_cases(args, ours, theirs, scratch, chosen)
+        repeats = args.repeats or 1
+        print(f"model: U-Net {preset.unet}, autoencoder {preset.autoencoder}, CLIP text encoder "
+              f"{preset.text_layers}x{preset.text_width} (random weights); "
+              f"DDIM {args.sampling_steps} steps, guidance {args.guidance_scale}; each case a fresh process, "
+              f"{repeats} run(s) each (the fastest kept), cases alternating ours / diffusers\n", flush=True)
+        results: dict[str, process.ProcessResult] = {}
+        for round_ in range(repeats):
+            for case in cases:
+                print(f"  {case.name} ...", flush=True)
+                result = process.run_case(case)
+                if result.error:
+                    raise SystemExit(f"{case.name} failed: {result.error}")
+                if case.name not in results or result.wall < results[case.name].wall:
+                    results[case.name] = result
+        report_processes(results, args.sampling_steps)
+
+
+def report_processes(results: dict[str, process.ProcessResult], steps: int) -> None:
+    rows = []
+    for name, result in results.items():
+        phases = result.phases
+        peer = results.get(name.replace("ours", "diffusers", 1)) if name.startswith("ours") else None
+        projected = result.at_steps(PROJECTED_STEPS)
+        rows.append([
+            name, f"{result.wall:.1f}", f"{phases['import']:.1f}", f"{phases['load']:.1f}", f"{phases['text']:.2f}",
+            f"{result.first_step_setup:.1f}", f"{phases['steps']:.2f}", f"{phases['decode']:.1f}", f"{result.fixed():.1f}",
+            f"{projected:.0f}", bench.ratio(projected, peer.at_steps(PROJECTED_STEPS)) if peer else "",
+            bench.mib(result.peak_rss), bench.ratio(result.peak_rss, peer.peak_rss) if peer else "",
+        ])
+    bench.print_table(["case", f"wall s ({steps} steps)", "import", "load", "text", "1st-step set-up", "s/step", "decode",
+                       "fixed", f"s at {PROJECTED_STEPS} steps", "vs diffusers", "peak MiB", "vs diffusers"], rows)
+    print(f"\nseconds; 'fixed' = the whole process minus its steps' median time ({steps} steps measured): start-up, "
+          f"import, load, text, first-step set-up, decode, PNG; 's at {PROJECTED_STEPS} steps' = fixed + {PROJECTED_STEPS} x s/step; "
+          "'vs diffusers' = ours / diffusers' for the same precision, mode and size (lower is better); peak = the "
+          "process's peak RSS")
+    pictures = {name: process.pixels(result) for name, result in results.items() if "img2img" not in name}
+    for a, b in (("ours fp32", "diffusers fp32"), ("ours bf16", "ours fp32"), ("diffusers bf16", "diffusers fp32")):
+        for name in [n for n in pictures if n.startswith(a + " txt2img")]:
+            other = name.replace(a, b, 1)
+            if other in pictures:
+                print(f"PSNR {name} vs {other}: {image_psnr(pictures[name], pictures[other]):.1f} dB")
+    fp32 = [r for n, r in results.items() if n.startswith("ours fp32 txt2img")]
+    bf16 = [r for n, r in results.items() if n.startswith("ours bf16 txt2img")]
+    if fp32 and bf16:
+        print(f"ours bf16 peak RSS / ours fp32 peak RSS: {bf16[0].peak_rss / fp32[0].peak_rss:.2f}")
 
 
 def image_psnr(a: torch.Tensor | None, b: torch.Tensor | None) -> float:

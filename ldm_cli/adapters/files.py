@@ -16,6 +16,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from torch import Tensor
 
@@ -108,40 +109,34 @@ def _refuse_lycoris(path: Path, tensors: dict[str, Tensor]) -> None:
 
 
 def _kohya_layers(path: Path, tensors: dict[str, Tensor]) -> dict[str, LoraLayer]:
-    layers = {}
-    for key in tensors:
-        name, suffix = _split_suffix(key, KOHYA_SUFFIXES)
-        if suffix is None:
-            raise UsageError(f"LoRA {path}: unexpected key {key} in a kohya-layout file")
-        if suffix != KOHYA_SUFFIXES[0]:
-            continue
-        up = tensors.get(name + ".lora_up.weight")
-        if up is None:
-            raise UsageError(f"LoRA {path}: {key} has no matching {name}.lora_up.weight")
-        down = tensors[key]
-        alpha = tensors.get(name + ".alpha")
-        layers[name] = LoraLayer(down, up, float(alpha) if alpha is not None else float(down.shape[0]))
-    return layers
+    return _paired_layers(path, tensors, KOHYA_SUFFIXES, "kohya", lambda name, rank: float(rank))
 
 
 def _peft_layers(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> dict[str, LoraLayer]:
     configs = _peft_configs(path, metadata)
+    # older diffusers files carried kohya-style alphas
+    return _paired_layers(path, tensors, (*PEFT_SUFFIXES, ".alpha"), "diffusers/PEFT",
+                          lambda name, rank: _peft_alpha(name, rank, configs))
+
+
+def _paired_layers(
+    path: Path, tensors: dict[str, Tensor], suffixes: tuple[str, ...], layout: str, default_alpha: Callable[[str, int], float]
+) -> dict[str, LoraLayer]:
+    """One layer per (down, up) pair named by `suffixes` (down, up, ...); a stored `.alpha` wins over `default_alpha`."""
+    down_suffix, up_suffix = suffixes[:2]
     layers = {}
     for key in tensors:
-        name, suffix = _split_suffix(key, PEFT_SUFFIXES)
+        name, suffix = _split_suffix(key, suffixes)
         if suffix is None:
-            if key.endswith(".alpha"):  # older diffusers files carried kohya-style alphas
-                continue
-            raise UsageError(f"LoRA {path}: unexpected key {key} in a diffusers/PEFT-layout file")
-        if suffix != PEFT_SUFFIXES[0]:
+            raise UsageError(f"LoRA {path}: unexpected key {key} in a {layout}-layout file")
+        if suffix != down_suffix:
             continue
-        up = tensors.get(name + ".lora_B.weight")
+        up = tensors.get(name + up_suffix)
         if up is None:
-            raise UsageError(f"LoRA {path}: {key} has no matching {name}.lora_B.weight")
+            raise UsageError(f"LoRA {path}: {key} has no matching {name}{up_suffix}")
         down = tensors[key]
-        rank = int(down.shape[0])
         alpha = tensors.get(name + ".alpha")
-        layers[name] = LoraLayer(down, up, float(alpha) if alpha is not None else _peft_alpha(name, rank, configs))
+        layers[name] = LoraLayer(down, up, float(alpha) if alpha is not None else default_alpha(name, int(down.shape[0])))
     return layers
 
 

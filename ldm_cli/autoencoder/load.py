@@ -8,9 +8,8 @@ from pathlib import Path
 import torch
 
 from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL
-from ldm_cli.bundle import Bundle, check_shapes, load_bundle, require_model_keys
+from ldm_cli.bundle import Bundle, build_from_weights, load_bundle, require_model_keys
 from ldm_cli.config import from_dict
-from ldm_cli.errors import BundleError
 
 
 @dataclass
@@ -37,14 +36,9 @@ class LoadedAutoencoder:
 
 
 def build_autoencoder(meta: dict, weights: dict[str, torch.Tensor]) -> AutoencoderKL:
+    """The autoencoder holding `weights` (their dtype; see `build_from_weights`)."""
     config = from_dict(meta["autoencoder"], AutoencoderConfig)
-    check_shapes(lambda: AutoencoderKL(config), weights, "autoencoder")  # before allocating the model
-    model = AutoencoderKL(config)
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as error:
-        raise BundleError(f"autoencoder weights do not match its config: {str(error).splitlines()[0]}") from error
-    return model
+    return build_from_weights(lambda: AutoencoderKL(config), weights, "autoencoder")
 
 
 def load_autoencoder(path: str | Path | Bundle, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedAutoencoder:
@@ -53,7 +47,7 @@ def load_autoencoder(path: str | Path | Bundle, device: torch.device | str = "cp
         require_model_keys(bundle)
         bundle = load_bundle(bundle.path / bundle.meta["autoencoder"]["path"], kind="autoencoder")
     require_model_keys(bundle)
-    model = build_autoencoder(bundle.meta, bundle.tensors("autoencoder")).to(device=device, dtype=dtype).eval()
+    model = build_autoencoder(bundle.meta, bundle.tensors("autoencoder", device, dtype=dtype)).to(device=device).eval()
     model.requires_grad_(False)
     meta = bundle.meta
     return LoadedAutoencoder(model, bundle, float(meta["latent_scale"]), float(meta.get("latent_shift", 0.0)), int(meta["resolution"]))

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torchvision.models import VGG16_Weights
 
 from ldm_cli.errors import BundleError
 from ldm_cli.weights import Resolved, WeightFile, cache_dir, fetch, locate, package_file, sha256_of
@@ -24,10 +23,12 @@ _VGG16_LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, 
 TAP_INDICES = (3, 8, 15, 22, 29)
 TAP_CHANNELS = (64, 128, 256, 512, 512)
 DISABLE_HINT = ", or disable the term with loss.perceptual_weight=0"
+# torchvision's VGG16_Weights.IMAGENET1K_V1.url, written out: importing torchvision costs seconds at start-up
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 VGG16_FILE = WeightFile(
     title="VGG16 (LPIPS backbone)",
-    filename=VGG16_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1],  # vgg16-397923af.pth
-    url=VGG16_Weights.IMAGENET1K_V1.url,
+    filename=VGG16_URL.rsplit("/", 1)[-1],
+    url=VGG16_URL,
     setting="loss.lpips_vgg_path",
     alternative=DISABLE_HINT,
 )

@@ -17,7 +17,7 @@ import torch
 
 from ldm_cli.adapters.merge import Applied, merge_loras
 from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder
-from ldm_cli.bundle import Bundle, check_shapes, load_bundle, require_model_keys, write_bundle
+from ldm_cli.bundle import Bundle, build_from_weights, load_bundle, require_model_keys, write_bundle
 from ldm_cli.config import from_dict, to_dict
 from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ldm_cli.diffusion.text import TextEncoder, TextEncoderConfig, load_text_encoder, save_text_encoder
@@ -61,13 +61,8 @@ def is_inpainting_unet(unet_in_channels: int, latent_channels: int) -> bool:
 
 
 def build_unet(config: UNetConfig, weights: dict[str, torch.Tensor]) -> UNet:
-    check_shapes(lambda: UNet(config), weights, "U-Net")  # before allocating the model
-    unet = UNet(config)
-    try:
-        unet.load_state_dict(weights, strict=True)
-    except RuntimeError as error:
-        raise BundleError(f"U-Net weights do not match its config: {str(error).splitlines()[0]}") from error
-    return unet
+    """The U-Net holding `weights` (their dtype; see `build_from_weights`)."""
+    return build_from_weights(lambda: UNet(config), weights, "U-Net")
 
 
 def text_encoder_config(bundle: Bundle) -> TextEncoderConfig:
@@ -78,20 +73,30 @@ def text_encoder_config(bundle: Bundle) -> TextEncoderConfig:
 
 
 def load_latent_diffusion(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, loras: Applied = ()
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    loras: Applied = (),
+    autoencoder_dtype: torch.dtype = torch.float32,
 ) -> LatentDiffusion:
-    """Load a bundle; `loras` (file, scale) are merged into the weights before the U-Net is built."""
+    """Load a bundle with the U-Net's weights in `dtype` and the autoencoder's in `autoencoder_dtype`,
+    each read straight into that dtype; the text encoder stays float32 (it runs once per prompt).
+    `loras` (file, scale) are merged into the float32 weights before the U-Net is built."""
     bundle = load_bundle(path, kind="latent-diffusion")
     require_model_keys(bundle)
     meta = bundle.meta
-    weights = bundle.tensors("unet")
-    text_encoder = load_text_encoder(text_encoder_config(bundle), device=device, dtype=dtype)
-    merge_loras(weights, text_encoder.model, loras)
-    unet = build_unet(from_dict(meta["unet"], UNetConfig), weights).to(device=device, dtype=dtype).eval()
+    text_encoder = load_text_encoder(text_encoder_config(bundle), device=device)
+    weights = bundle.tensors("unet", device, dtype=torch.float32 if loras else dtype)
+    if loras:
+        merge_loras(weights, text_encoder.model, loras)
+        for key, value in weights.items():  # one tensor at a time: the float32 copy shrinks as it goes
+            weights[key] = value.to(dtype)
+    unet = build_unet(from_dict(meta["unet"], UNetConfig), weights).to(device=device).eval()
+    del weights
     unet.requires_grad_(False)
     schedule = NoiseSchedule(from_dict(meta["schedule"], ScheduleConfig)).to(device)
     autoencoder_dir = bundle.path / meta["autoencoder"]["path"]
-    autoencoder = load_autoencoder(autoencoder_dir, device=device, dtype=dtype)
+    autoencoder = load_autoencoder(autoencoder_dir, device=device, dtype=autoencoder_dtype)
     if autoencoder.bundle.content_hash != meta["autoencoder"]["content_hash"]:
         raise BundleError(f"the autoencoder in {autoencoder_dir} is not the one this model was trained with (content hash differs)")
     return LatentDiffusion(bundle, unet, schedule, text_encoder, autoencoder)

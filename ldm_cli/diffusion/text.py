@@ -85,8 +85,13 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.embed(prompts)
+
+    def embed(self, prompts: Sequence[str], warn: bool = True) -> torch.Tensor:
+        """`encode` with autograd, for training adapters inside the encoder (`lora.train_text_encoder`);
+        `warn=False` skips the truncation warning (for prompts already warned about)."""
         input_ids, attention_mask, truncated = self._tokenize(prompts)
-        if truncated.any():
+        if warn and truncated.any():
             logger.warning(
                 "%d of %d prompts were longer than %d tokens and were truncated to %d tokens "
                 "(text_encoder.max_length)",

@@ -102,7 +102,7 @@ class DiffusionTrainer:
         self.input_dtype = torch.bfloat16 if self.master else torch.float32
         self.autocast_precision = "fp32" if self.master else self.precision
         self.model = DistributedDataParallel(self.unet) if dist.enabled else self.unet
-        self.optimizer = build_optimizer(self._parameters(), train)
+        self.optimizer = build_optimizer(self._parameter_groups(), train)
         self.lr_schedule = build_lr_schedule(self.optimizer, train)
         self.scaler = grad_scaler(self.precision, device)
         self.ema = EMA(self.master or self.unet, train.ema_decay) if train.ema_decay else None
@@ -116,6 +116,13 @@ class DiffusionTrainer:
     def _parameters(self) -> list[torch.Tensor]:
         """What the optimiser updates: the U-Net's trainable parameters, or their float32 masters."""
         return self.master.parameters if self.master else [p for p in self.unet.parameters() if p.requires_grad]
+
+    def _parameter_groups(self) -> list[torch.Tensor] | list[dict[str, Any]]:
+        """The optimiser's parameters, or groups of them with their own learning rates (train-lora)."""
+        return self._parameters()
+
+    def _synchronise_gradients(self) -> None:
+        """Where a subclass averages over processes the gradients of parameters outside the DDP-wrapped U-Net."""
 
     def _draws(self, batch: dict[str, Any], step: int, micro: int) -> tuple[torch.Tensor, ...]:
         """This process's slice of the global batch's random draws for (step, micro-batch)."""
@@ -165,6 +172,7 @@ class DiffusionTrainer:
             if self.master:
                 self.master.gradients_to_master()
             total += loss.detach()
+        self._synchronise_gradients()
         check_finite_loss(total, self.optimizer)  # before the update: the weights stay as they were
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -290,6 +298,15 @@ def check_compatible(config: TrainDiffusionConfig, data: LatentDataset, text_wid
             )
 
 
+def check_text_cache(data: LatentDataset, latents: Path, objective: Any) -> None:
+    """Cached text embeddings hold the fixed captions: tag augmentation needs the captions encoded live."""
+    if data.text_info is not None and (objective.shuffle_tags or objective.tag_dropout):
+        raise IncompatibleError(
+            f"objective.shuffle_tags/tag_dropout change captions every step, but {latents} holds cached text embeddings "
+            "of the fixed captions; re-encode without --cache-text (the raw captions are kept)"
+        )
+
+
 def check_base_autoencoder(data: LatentDataset, latents: Path, base: Any, base_path: Path) -> None:
     """A base model (fine-tuning, LoRA) must use the autoencoder the latents were encoded with."""
     if base.autoencoder.bundle.content_hash != data.autoencoder_hash:
@@ -346,12 +363,7 @@ def _train_unet(
     # decides without writing (a failed start leaves --out untouched); every process reads the same directory
     opened = on_main(dist, lambda: open_run(out, "train-diffusion", config, overrides, resume))
     config, _ = opened if dist.is_main else open_run(out, "train-diffusion", config, overrides, resume)
-    objective = config.objective
-    if data.text_info is not None and (objective.shuffle_tags or objective.tag_dropout):
-        raise IncompatibleError(
-            f"objective.shuffle_tags/tag_dropout change captions every step, but {latents} holds cached text embeddings "
-            "of the fixed captions; re-encode without --cache-text (the raw captions are kept)"
-        )
+    check_text_cache(data, latents, config.objective)
     cached = _cache_matches(data, config)
     conditioning = TextConditioning(text_encoder, device, data.uncond_text() if cached else None)
     trainer = DiffusionTrainer(config, data, autoencoder, conditioning, device, dist, init_weights)

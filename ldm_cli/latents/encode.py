@@ -1,15 +1,14 @@
 """`ldm encode`: an image folder → a sharded latent dataset (see `dataset.py` for the layout).
 
 Every image is encoded once; we keep the posterior's mean and log-variance so training can draw
-a fresh latent each epoch. Shard k holds the folder's items [k * shard_size, (k + 1) * shard_size)
-in sorted-path order, so the split is the same on every run and on every process. With
-`data.buckets` (data/buckets.py) each image is assigned a bucket from its header size, and the
-shards are each bucket's items (in folder order) in chunks of shard_size, buckets in size order.
+a fresh latent each epoch. Which items each shard holds is planned in `plan.py` (square crops, or
+aspect-ratio buckets with `data.buckets`).
 
 Crash safety: a shard is written into `.tmp-shard_XXXXX-<random>` and renamed into place only when
-complete, so a reader never sees half a shard; a re-run skips shards already in place, removes
-stale temporary files, and refuses a directory made with another autoencoder or other settings.
-`index.json` is rewritten (atomically) after every shard and marked `complete` at the end.
+complete (`shards.py`), so a reader never sees half a shard; a re-run skips shards already in
+place, removes stale temporary files, and refuses a directory made with another autoencoder or
+other settings (`index.py`). `index.json` is rewritten (atomically) after every shard and marked
+`complete` at the end.
 
 Under torchrun, process r encodes the shards k with k % world_size == r; the main process
 writes the index.
@@ -20,72 +19,29 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import secrets
-import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder
 from ldm_cli.config import EncodeConfig, to_dict
-from ldm_cli.data.buckets import Size, assign_buckets, cover_crop, enumerate_buckets, histogram, spec_from_config
-from ldm_cli.data.images import DataConfig, ImageFolderDataset, image_size, load_image_rgb, pil_to_tensor, resolve_data_root
+from ldm_cli.data.buckets import Size, cover_crop, histogram
+from ldm_cli.data.images import DataConfig, ImageFolderDataset, load_image_rgb, pil_to_tensor, resolve_data_root
 from ldm_cli.diffusion.text import TextEncoder, load_text_encoder
-from ldm_cli.errors import ConfigError, DataError, IncompatibleError, RunDirError
-from ldm_cli.latents.dataset import FORMAT, INDEX_FILE, SHARD_META, UNCOND_FILE, shard_files, shard_name
+from ldm_cli.errors import ConfigError, DataError
+from ldm_cli.latents.dataset import FORMAT, INDEX_FILE, UNCOND_FILE, shard_files
+from ldm_cli.latents.index import build_index, check_existing, remove_stale_temporaries, scan, shard_meta
+from ldm_cli.latents.plan import batches_of, bucket_targets, plan_batches, shard_items, shards_for_rank, square_plan
+from ldm_cli.latents.shards import ShardBuffer, empty_arrays, write_json_atomic, write_npy_atomic, write_shard
 from ldm_cli.training.distributed import DistInfo, barrier, device_for, distributed, on_main
 from ldm_cli.training.precision import autocast, resolve_device, resolve_precision
 
-TMP_PREFIX = ".tmp-"
-MAX_LISTED_BAD_FILES = 100
-# What a re-run must share with the latents already in the directory to add shards to them.
-SETTINGS = ("latent_scale", "latent_shift", "resolution", "latent_shape", "flip", "shard_size", "text", "num_files", "files_digest", "buckets")
-
-
-# --- the work split: pure functions -----------------------------------------------------------------
-
-
-def shards_for_rank(num_shards: int, rank: int, world_size: int) -> list[int]:
-    """The shards process `rank` of `world_size` encodes: every world_size-th, starting at rank."""
-    return list(range(rank, num_shards, world_size))
-
-
-def shard_items(number: int, shard_size: int, num_items: int) -> range:
-    """The dataset items shard `number` covers."""
-    return range(number * shard_size, min((number + 1) * shard_size, num_items))
-
-
-def plan_batches(shards: list[int], shard_size: int, num_items: int, batch_size: int) -> list[list[int]]:
-    """Batches of item indices, in order, none crossing a shard boundary."""
-    plan = [list(shard_items(number, shard_size, num_items)) for number in range(max(shards, default=-1) + 1)]
-    return batches_of(plan, shards, batch_size)
-
-
-def batches_of(plan: list[list[int]], shards: list[int], batch_size: int) -> list[list[int]]:
-    """Batches of the items of `shards` (plan[k]: the items of shard k), none crossing a shard boundary."""
-    return [plan[number][start:start + batch_size] for number in shards for start in range(0, len(plan[number]), batch_size)]
-
-
-def bucket_plan(buckets: list[Size], shard_size: int) -> tuple[list[list[int]], list[Size]]:
-    """Shards per bucket shape: each bucket's items (in folder order) in chunks of `shard_size`,
-    buckets in order of their size; returns the items and the (width, height) of every shard."""
-    members: dict[Size, list[int]] = {}
-    for item, bucket in enumerate(buckets):
-        members.setdefault(bucket, []).append(item)
-    plan, sizes = [], []
-    for bucket in sorted(members):
-        items = members[bucket]
-        for start in range(0, len(items), shard_size):
-            plan.append(items[start:start + shard_size])
-            sizes.append(bucket)
-    return plan, sizes
+__all__ = ["encode_dataset", "plan_batches", "shard_items", "shards_for_rank", "write_shard"]
 
 
 # --- reading images (in DataLoader workers) --------------------------------------------------------
@@ -119,159 +75,6 @@ def _collate(items: list[tuple[int, Optional[torch.Tensor], Optional[str]]]) -> 
         "bad": [(index, error) for index, image, error in items if image is None],
         "first": items[0][0],
     }
-
-
-# --- writing ---------------------------------------------------------------------------------------
-
-
-def _write_json_atomic(path: Path, value: Any) -> None:
-    temporary = path.with_name(f"{TMP_PREFIX}{path.stem}-{secrets.token_hex(4)}{path.suffix}")
-    temporary.write_text(json.dumps(value, indent=2))
-    os.replace(temporary, path)
-
-
-def _write_npy_atomic(path: Path, array: np.ndarray) -> None:
-    temporary = path.with_name(f"{TMP_PREFIX}{path.stem}-{secrets.token_hex(4)}.npy")
-    np.save(temporary, array)
-    os.replace(temporary, path)
-
-
-def write_shard(out: Path, number: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
-    """Write one shard into a temporary directory, then rename it into place (all or nothing)."""
-    final = out / shard_name(number)
-    staging = out / f"{TMP_PREFIX}{final.name}-{secrets.token_hex(4)}"
-    staging.mkdir()
-    try:
-        for name, array in arrays.items():
-            np.save(staging / f"{name}.npy", array)
-        (staging / "captions.json").write_text(json.dumps(meta["captions"]))
-        (staging / "paths.json").write_text(json.dumps(meta["paths"]))
-        (staging / SHARD_META).write_text(json.dumps({
-            "count": len(meta["paths"]), "items": meta["items"], "bad_files": meta["bad_files"], "latent_shape": meta["latent_shape"],
-        }))
-        if final.exists():  # an incomplete leftover (a file deleted by hand): replace it
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return final
-
-
-def _empty_arrays(latent_shape: list[int], header: dict[str, Any], flip: bool) -> dict[str, np.ndarray]:
-    """What a shard holds when none of its images could be read."""
-    empty = {name: np.zeros((0, *latent_shape), np.float32) for name in ("mean", "logvar")}
-    if flip:
-        empty.update(mean_flip=empty["mean"], logvar_flip=empty["logvar"])
-    if header["text"] is not None:
-        empty["text"] = np.zeros((0, header["text"]["max_length"], header["text"]["width"]), np.float16)
-    return empty
-
-
-class _ShardBuffer:
-    """Encodings of one shard, gathered batch by batch until its last batch arrives."""
-
-    def __init__(self, number: int, items: list[int], batches: int, latent_shape: list[int], contiguous: bool) -> None:
-        self.number, self.items, self.batches_left = number, items, batches
-        self.latent_shape, self.contiguous = latent_shape, contiguous
-        self.arrays: dict[str, list[np.ndarray]] = {}
-        self.captions: list[str] = []
-        self.paths: list[str] = []
-        self.bad_files: list[str] = []
-
-    def add(self, arrays: dict[str, np.ndarray], captions: list[str], paths: list[str]) -> None:
-        for name, array in arrays.items():
-            self.arrays.setdefault(name, []).append(array)
-        self.captions += captions
-        self.paths += paths
-
-    def finish(self, empty: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        arrays = {name: np.concatenate(self.arrays[name]) if name in self.arrays else blank for name, blank in empty.items()}
-        # a square set's shard covers a range of the folder; a bucket's shard lists its items
-        items = [self.items[0], self.items[-1] + 1] if self.contiguous else self.items
-        meta = {"captions": self.captions, "paths": self.paths, "bad_files": self.bad_files, "items": items, "latent_shape": self.latent_shape}
-        return arrays, meta
-
-
-# --- the index -------------------------------------------------------------------------------------
-
-
-def _shard_meta(out: Path, number: int, files: list[str]) -> Optional[dict[str, Any]]:
-    """A complete shard's shard.json, or None when the shard is missing or incomplete."""
-    directory = out / shard_name(number)
-    if not all((directory / name).is_file() for name in files):
-        return None
-    try:
-        return json.loads((directory / SHARD_META).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _scan(out: Path, numbers: range | list[int], files: list[str], known: dict[int, dict[str, Any]]) -> None:
-    for number in numbers:
-        if number not in known:
-            meta = _shard_meta(out, number, files)
-            if meta is not None:
-                known[number] = meta
-
-
-def _index(header: dict[str, Any], known: dict[int, dict[str, Any]], complete: bool) -> dict[str, Any]:
-    numbers = sorted(known)
-    bad_files = [path for number in numbers for path in known[number]["bad_files"]]
-    index = {key: header[key] for key in ("format", "autoencoder", "latent_scale", "latent_shift", "resolution", "latent_shape")}
-    index["count"] = sum(known[number]["count"] for number in numbers)
-    index.update(flip=header["flip"], shard_size=header["shard_size"])
-    index["shards"] = [{"name": shard_name(number), "count": known[number]["count"]} for number in numbers]
-    if header["buckets"] is not None:
-        for shard, number in zip(index["shards"], numbers):
-            shard["latent_shape"] = header["shard_shapes"][number]
-        counts: dict[tuple[int, int], int] = {}
-        for number in numbers:
-            size = tuple(header["shard_sizes"][number])
-            counts[size] = counts.get(size, 0) + known[number]["count"]
-        index["bucket_counts"] = [{"size": list(size), "count": count} for size, count in sorted(counts.items())]
-    index["text"] = header["text"]
-    index.update(bad_images=len(bad_files), bad_files=bad_files[:MAX_LISTED_BAD_FILES])
-    index.update({key: header[key] for key in ("source", "num_shards", "num_files", "files_digest", "buckets")})
-    index["complete"] = complete
-    return index
-
-
-def _check_existing(out: Path, header: dict[str, Any]) -> None:
-    """An existing --out must be latents from this autoencoder with these settings (then we resume)."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise RunDirError(f"{out} is a file; choose a directory for --out")
-    index_path = out / INDEX_FILE
-    if not index_path.is_file():
-        if any(not entry.name.startswith(TMP_PREFIX) for entry in out.iterdir()):
-            raise RunDirError(f"{out} exists and is not a latent dataset; choose an empty or new --out")
-        return
-    try:
-        saved = json.loads(index_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        saved = None
-    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-        raise RunDirError(f"{out} holds an index.json that is not an {FORMAT} index; choose another --out")
-    old_hash, new_hash = str((saved.get("autoencoder") or {}).get("content_hash")), header["autoencoder"]["content_hash"]
-    if old_hash != new_hash:
-        raise IncompatibleError(
-            f"{out} holds latents encoded with autoencoder {old_hash[:12]}, but --vae {header['autoencoder']['path']} is "
-            f"{new_hash[:12]}; choose a new --out (or delete {out} to re-encode)"
-        )
-    for key in SETTINGS:
-        if saved.get(key) != header[key]:
-            raise IncompatibleError(
-                f"{out} holds latents made with different settings ({key}: saved {saved.get(key)!r}, now {header[key]!r}); "
-                "re-run with the same settings to resume, or choose a new --out"
-            )
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    for entry in out.iterdir():
-        if entry.name.startswith(TMP_PREFIX):
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
 # --- encoding --------------------------------------------------------------------------------------
@@ -356,13 +159,13 @@ def _encode_dataset(
 
     channels = autoencoder.latent_channels
     if config.data.buckets:
-        targets, plan, sizes, spec = _bucket_targets(images, config, resolution, factor)
+        targets, plan, sizes, spec = bucket_targets(images, config, resolution, factor)
         shard_shapes = [[channels, height // factor, width // factor] for width, height in sizes]
         (width, height), _ = histogram(targets)[0]  # the most common bucket stands for the set
         latent_shape = [channels, height // factor, width // factor]
     else:
         targets, spec = None, None
-        plan = [list(shard_items(k, config.shard_size, len(images))) for k in range(math.ceil(len(images) / config.shard_size))]
+        plan = square_plan(len(images), config.shard_size)
         latent_shape = [channels, resolution // factor, resolution // factor]
         sizes, shard_shapes = [(resolution, resolution)] * len(plan), [latent_shape] * len(plan)
     num_shards = len(plan)
@@ -391,23 +194,23 @@ def _encode_dataset(
     known: dict[int, dict[str, Any]] = {}
 
     def prepare() -> None:
-        _check_existing(out, header)
+        check_existing(out, header)
         out.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(out)
+        remove_stale_temporaries(out)
         if text_encoder is not None and not (out / UNCOND_FILE).is_file():
-            _write_npy_atomic(out / UNCOND_FILE, encoder.text([""]))
-        _scan(out, range(num_shards), files, known)
-        _write_json_atomic(out / INDEX_FILE, _index(header, known, complete=len(known) == num_shards))
+            write_npy_atomic(out / UNCOND_FILE, encoder.text([""]))
+        scan(out, range(num_shards), files, known)
+        write_json_atomic(out / INDEX_FILE, build_index(header, known, complete=len(known) == num_shards))
 
     on_main(dist, prepare)
-    pending = [number for number in shards_for_rank(num_shards, dist.rank, dist.world_size) if _shard_meta(out, number, files) is None]
+    pending = [number for number in shards_for_rank(num_shards, dist.rank, dist.world_size) if shard_meta(out, number, files) is None]
     _encode_shards(_ImagesOrErrors(images, targets), plan, encoder, config, out, pending, header, known, dist, files)
     barrier(dist)
 
     def finish() -> dict[str, Any]:
-        _scan(out, range(num_shards), files, known)
-        index = _index(header, known, complete=len(known) == num_shards)
-        _write_json_atomic(out / INDEX_FILE, index)
+        scan(out, range(num_shards), files, known)
+        index = build_index(header, known, complete=len(known) == num_shards)
+        write_json_atomic(out / INDEX_FILE, index)
         if not index["complete"]:
             raise DataError(f"{num_shards - len(known)} of {num_shards} shards in {out} are missing; re-run `ldm encode` to finish")
         if index["count"] == 0:
@@ -422,17 +225,6 @@ def _encode_dataset(
     index = on_main(dist, finish)
     barrier(dist)  # the index is written before the other processes read it
     return index if dist.is_main else json.loads((out / INDEX_FILE).read_text())
-
-
-def _bucket_targets(images: ImageFolderDataset, config: EncodeConfig, resolution: int, factor: int) -> tuple[list[Size], list[list[int]], list[Size], dict[str, Any]]:
-    """Each image's bucket (from its header), the shards per bucket, their sizes, and the spec as recorded."""
-    spec = spec_from_config(config.data, resolution)
-    if spec.step % factor:
-        raise ConfigError(f"data.bucket_step={spec.step} is not a multiple of the autoencoder's downsampling factor {factor}")
-    targets = assign_buckets([image_size(path) for path in images.paths], enumerate_buckets(spec))
-    plan, sizes = bucket_plan(targets, config.shard_size)
-    low, high = spec.sides
-    return targets, plan, sizes, {"step": spec.step, "min_side": low, "max_side": high, "max_aspect": spec.max_aspect}
 
 
 def _encode_shards(
@@ -452,7 +244,7 @@ def _encode_shards(
     buffers, shard_of = {}, {}
     for number in pending:
         items = plan[number]
-        buffers[number] = _ShardBuffer(number, items, math.ceil(len(items) / config.batch_size), header["shard_shapes"][number],
+        buffers[number] = ShardBuffer(number, items, math.ceil(len(items) / config.batch_size), header["shard_shapes"][number],
                                        contiguous=header["buckets"] is None)
         shard_of.update(dict.fromkeys(items, number))
     if not batches:
@@ -474,12 +266,12 @@ def _encode_shards(
         progress.update(len(batch["indices"]) + len(batch["bad"]))
         buffer.batches_left -= 1
         if buffer.batches_left == 0:
-            arrays, meta = buffer.finish(_empty_arrays(buffer.latent_shape, header, config.flip))
+            arrays, meta = buffer.finish(empty_arrays(buffer.latent_shape, header, config.flip))
             write_shard(out, buffer.number, arrays, meta)
             del buffers[buffer.number]
             if dist.is_main:  # a partial index, valid for the shards complete so far
                 known[buffer.number] = {"count": len(meta["paths"]), "bad_files": meta["bad_files"]}
                 if dist.enabled:
-                    _scan(out, range(header["num_shards"]), files, known)  # the other processes' shards
-                _write_json_atomic(out / INDEX_FILE, _index(header, known, complete=False))
+                    scan(out, range(header["num_shards"]), files, known)  # the other processes' shards
+                write_json_atomic(out / INDEX_FILE, build_index(header, known, complete=False))
     progress.close()

@@ -34,7 +34,7 @@ from ldm_cli.errors import DataError, LdmError, UsageError
 from ldm_cli.grid import make_grid
 from ldm_cli.sampling.init_images import InitImage, inspect_init_image, list_init_images
 from ldm_cli.sampling.metadata import png_info, read_metadata
-from ldm_cli.sampling.pipeline import ImageJob, InitLatent, SamplingPipeline, check_image_size
+from ldm_cli.sampling.pipeline import ImageJob, InitLatent, SamplingPipeline, check_image_size, weight_dtypes
 from ldm_cli.sampling.settings import SamplingLimits, SamplingSettings
 from ldm_cli.training.precision import resolve_device, resolve_precision
 
@@ -147,10 +147,14 @@ def _check_out(out: Path) -> None:
         raise UsageError(f"--out {out} is a file; give a folder")
 
 
-def _load_model(path: Optional[Path], device: torch.device, loras: Applied = (), inpainting_ok: bool = False) -> LatentDiffusion:
+def _load_model(
+    path: Optional[Path], device: torch.device, precision: str, loras: Applied = (), inpainting_ok: bool = False
+) -> LatentDiffusion:
+    """The model with its weights read straight into the dtypes sampling at `precision` computes in."""
     if path is None:
         raise UsageError("--model is required (a latent-diffusion run directory or bundle)")
-    model = load_latent_diffusion(path, device=device, loras=loras)
+    unet_dtype, autoencoder_dtype = weight_dtypes(precision)
+    model = load_latent_diffusion(path, device, unet_dtype, loras, autoencoder_dtype)
     if model.is_inpainting and not inpainting_ok:
         raise UsageError(
             f"{path} is an inpainting model (its U-Net reads a mask and a masked image); use `ldm inpaint --init IMAGE --mask MASK`"
@@ -305,7 +309,7 @@ def run_sample(request: SampleRequest, config: SampleConfig) -> Written:
     settings.height, settings.width = request.height or settings.height, request.width or settings.width
     settings.validate(limits=limits)  # the model's own step limit is checked once it is loaded
     prompts, loras = _loras(request, prompts)
-    model = _load_model(request.model, device, loras)
+    model = _load_model(request.model, device, precision, loras)
     settings.height = request.height or model.resolution
     settings.width = request.width or model.resolution
     settings.validate(model.schedule.num_train_timesteps, limits)
@@ -337,7 +341,7 @@ def run_img2img(request: SampleRequest, config: SampleConfig) -> Written:
     settings.validate(limits=limits)
     init_paths = list_init_images(request.init)
     prompts, loras = _loras(request, prompts)
-    model = _load_model(request.model, device, loras)
+    model = _load_model(request.model, device, precision, loras)
     settings.validate(model.schedule.num_train_timesteps, limits)
     inits = [inspect_init_image(path, model, request.height, request.width) for path in init_paths]
     per_init = len(prompts) * request.num_images
@@ -428,7 +432,7 @@ def run_replay(
         raise DataError(f"the init image of {image} is no longer at {init_path}; put it back there to replay")
     if init_path is not None and file_sha256(init_path) != meta["init_sha256"]:
         raise DataError(f"{init_path} is not the init image {image} was made from (its sha256 differs)")
-    loaded = _load_model(model, device, replay_loras(meta.get("loras") or [], Path(image)))
+    loaded = _load_model(model, device, precision, replay_loras(meta.get("loras") or [], Path(image)))
     check_replay_model(loaded, model, meta, image, device, settings, limits)
 
     pipeline = _pipeline(loaded, device, precision, replace(config, compile=bool(meta.get("compiled", False))))

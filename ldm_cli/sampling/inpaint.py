@@ -218,7 +218,7 @@ def run_inpaint(request: SampleRequest, options: InpaintOptions, config: SampleC
     settings.height, settings.width = request.height or settings.height, request.width or settings.width
     settings.validate(limits=limits)
     init_path = list_init_images(request.init)[0]
-    model = commands._load_model(request.model, device, inpainting_ok=True)
+    model = commands._load_model(request.model, device, precision, inpainting_ok=True)
     settings.validate(model.schedule.num_train_timesteps, limits)
     init = inspect_init_image(init_path, model, request.height, request.width)
     mask = load_mask(options.mask, init.path, init.original_size, init.resized_to, init.size)
@@ -263,7 +263,7 @@ def replay_inpaint(
     precision = commands.resolve_precision(meta["precision"], device)
     limits = commands.limits_of(config)
     settings = commands.settings_from_metadata(meta, image, limits)
-    model = commands._load_model(request.model, device, inpainting_ok=True)
+    model = commands._load_model(request.model, device, precision, inpainting_ok=True)
     commands.check_replay_model(model, request.model, meta, image, device, settings, limits)
     resized_to = tuple(meta["init_resized_to"]) if meta.get("init_resized_to") else None
     plan = inspect_init_image(init_path, model, settings.height, settings.width, resized_to, replay=True)

@@ -43,7 +43,15 @@ from ldm_cli.sampling.settings import DEFAULT_SAMPLER, SamplingLimits, SamplingS
 from ldm_cli.training.precision import DTYPES, autocast
 
 __all__ = ["DEFAULT_SAMPLER", "ImageJob", "InitLatent", "SamplingLimits", "SamplingPipeline", "SamplingSettings",
-           "check_image_size", "initial_noise", "plan_batches"]
+           "check_image_size", "initial_noise", "plan_batches", "weight_dtypes"]
+
+
+def weight_dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
+    """(U-Net, autoencoder) weight dtypes at a precision. Weights live in the compute dtype (autocast
+    would re-cast frozen weights at every call and keep a float32 copy); the autoencoder is bf16 at bf16
+    and float32 otherwise, since SD's VAE overflows in fp16. Load the model in these (`load_latent_diffusion`)
+    and it is never held in float32."""
+    return DTYPES[precision], torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def check_image_size(height: int, width: int, model: LatentDiffusion, what: str = "--height/--width") -> None:
@@ -129,10 +137,9 @@ class SamplingPipeline:
         self.precision = precision
         self.tile_decode_above = tile_decode_above
         self.tile_latent_size = tile_latent_size
-        # The U-Net holds its weights in the compute dtype (autocast would re-cast frozen weights every
-        # call); the text encoder runs once per prompt and stays float32. The autoencoder stays float32
-        # too and decodes under bf16 autocast only: SD's VAE can overflow in fp16.
-        self.unet_dtype = DTYPES[precision]
+        # the text encoder runs once per prompt and stays float32
+        self.unet_dtype, self.autoencoder_dtype = weight_dtypes(precision)
+        model.autoencoder.model.to(device=self.device, dtype=self.autoencoder_dtype)
         if channels_last is None:
             # Tensor-core convolutions want NHWC, and so do oneDNN's packed CPU convolutions, which answer
             # in NHWC: no layout copy around each one. compile=true on the CPU picks its own layouts.
@@ -172,9 +179,6 @@ class SamplingPipeline:
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.precision, self.device)
-
-    def _vae_autocast(self) -> contextlib.AbstractContextManager:
-        return autocast("bf16" if self.precision == "bf16" else "fp32", self.device)
 
     def _unet(self, x: torch.Tensor, t: torch.Tensor, key: float, text: torch.Tensor) -> torch.Tensor:
         """The U-Net on x [B, ...] at timesteps t for each of the run's texts [n·B, L, D]: [n·B, ...] float32."""
@@ -276,12 +280,11 @@ class SamplingPipeline:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Diffusion-space latents → images [B, 3, H, W] in [-1, 1], float32 on the CPU."""
         autoencoder = self.model.autoencoder
-        z = autoencoder.from_diffusion_space(latents.float())
-        with self._vae_autocast():
-            if max(z.shape[-2:]) * self.factor > self.tile_decode_above:
-                pixels = tiled_decode(autoencoder.model, z, tile_latent=self.tile_latent_size, overlap=self.tile_latent_size // 4)
-            else:
-                pixels = autoencoder.model.decode(z)
+        z = autoencoder.from_diffusion_space(latents.float()).to(self.autoencoder_dtype)
+        if max(z.shape[-2:]) * self.factor > self.tile_decode_above:
+            pixels = tiled_decode(autoencoder.model, z, tile_latent=self.tile_latent_size, overlap=self.tile_latent_size // 4)
+        else:
+            pixels = autoencoder.model.decode(z)
         return pixels.float().clamp(-1, 1).cpu()
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
@@ -291,8 +294,8 @@ class SamplingPipeline:
         (a trained KL-f8 posterior is so narrow that the two differ by far less than σ_k ε).
         """
         autoencoder = self.model.autoencoder
-        with torch.inference_mode(), self._vae_autocast():
-            posterior = autoencoder.model.encode(image[None].to(self.device))
+        with torch.inference_mode():
+            posterior = autoencoder.model.encode(image[None].to(self.device, self.autoencoder_dtype))
         return autoencoder.to_diffusion_space(posterior.mode().float())[0]
 
     # all steps -----------------------------------------------------------------------------------

@@ -154,6 +154,9 @@ def test_kohya_lora_with_text_encoder_and_conv_layers_gives_diffusers_pixels(bun
 
 @pytest.mark.slow
 def test_file_written_by_train_lora_gives_diffusers_pixels(bundle_dir, exported_dir, shapes_dir, tmp_path):
+    """U-Net (LoCon targets) and text-encoder adapters trained together: diffusers applies both halves as ldm does."""
+    from safetensors.torch import load_file
+
     from ldm_cli.adapters.train import train_lora
     from ldm_cli.config import load_config
     from ldm_cli.latents.encode import encode_dataset
@@ -164,10 +167,17 @@ def test_file_written_by_train_lora_gives_diffusers_pixels(bundle_dir, exported_
         "train=diffusion_tiny", "train.batch_size=4", "train.precision=fp32", "train.max_steps=3", "train.lr=3e-2",
         "train.warmup_steps=1", "train.eval_every=100", "train.image_every=100", "train.checkpoint_every=100",
         "objective.validation_loss_timesteps=[500]", "lora.rank=4", "lora.targets=all",
+        "lora.train_text_encoder=true", "lora.text_encoder_lr=5e-2",
     ]
     path = train_lora(load_config("train_lora", overrides), tmp_path / "latents", bundle_dir, tmp_path / "run", overrides, device_name="cpu")
+    tensors = load_file(str(path))
+    assert any(key.startswith("lora_te_text_model_encoder_layers_0_mlp_fc1.") for key in tensors)
+    unet_only = tmp_path / "unet_only.safetensors"
+    save_file({k: v for k, v in tensors.items() if k.startswith("lora_unet_")}, str(unet_only))
     ours, sigma = ldm_image(bundle_dir, path, 0.8)
     theirs = diffusers_image(exported_dir, path, 0.8, sigma)
     plain = diffusers_image(exported_dir, None, 1.0, sigma)
+    without_text = diffusers_image(exported_dir, unet_only, 0.8, sigma)
     assert psnr(theirs, plain) < 45  # the trained LoRA changes the picture
+    assert psnr(theirs, without_text) < 45  # and so does its text-encoder half
     assert psnr(ours, theirs) >= 40

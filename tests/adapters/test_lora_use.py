@@ -94,6 +94,25 @@ def test_peft_layout_with_metadata_alpha(model_dir, tmp_path):
     torch.testing.assert_close(merged.unet.get_submodule(ATTN).weight, expected, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("down, up, layout", [
+    (".lora_down.weight", ".lora_up.weight", "kohya"), (".lora_A.weight", ".lora_B.weight", "diffusers/PEFT"),
+])
+def test_both_layouts_pair_down_and_up_and_read_a_stored_alpha(tmp_path, down, up, layout):
+    path = tmp_path / "lora.safetensors"
+    weights = {"a" + down: torch.ones(4, 8), "a" + up: torch.ones(8, 4), "a.alpha": torch.tensor(2.0),
+               "b" + down: torch.ones(3, 8), "b" + up: torch.ones(8, 3)}
+    save_file(weights, str(path))
+    layers = read_lora_file(path).layers
+    assert sorted(layers) == ["a", "b"] and (layers["a"].alpha, layers["b"].alpha) == (2.0, 3.0)  # else alpha = rank
+    assert layers["a"].down.shape == (4, 8) and layers["a"].up.shape == (8, 4)
+    save_file({"a" + down: torch.ones(4, 8)}, str(path))
+    with pytest.raises(UsageError, match=f"a{down} has no matching a{up}"):
+        read_lora_file(path)
+    save_file({**weights, "a.scale": torch.tensor(1.0)}, str(path))
+    with pytest.raises(UsageError, match=f"unexpected key a.scale in a {layout}-layout file"):
+        read_lora_file(path)
+
+
 @pytest.mark.parametrize("key, kind", [
     ("lora_unet_x.hada_w1_a", "LoHa"), ("lora_unet_x.lokr_w1", "LoKr"), ("lora_unet_x.lora_mid.weight", "Tucker"),
 ])

@@ -39,6 +39,42 @@ def test_bytes_changed_inside_the_weights_are_refused_with_the_file_named(tmp_pa
         load_autoencoder(bundle.path)
 
 
+def test_bytes_changed_after_a_verified_load_are_still_refused(tmp_path):
+    """Verified hashes are remembered across runs, but only while the file's change stamps hold: a write
+    that keeps the size and puts the mtime back still changes the ctime."""
+    bundle = tiny_autoencoder_bundle(tmp_path / "vae")
+    load_autoencoder(bundle.path)  # verified and remembered
+    weights = bundle.path / "autoencoder.safetensors"
+    before = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-8:-4] = b"\x00\x00\xc0\x7f"
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights.stat().st_size == before.st_size and weights.stat().st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(BundleError, match="autoencoder.safetensors is corrupt"):
+        load_autoencoder(bundle.path)
+
+
+def test_a_damaged_hash_cache_only_costs_a_rehash(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "verified-sha256.json").write_text("{not json")
+    bundle = tiny_autoencoder_bundle(tmp_path / "vae")
+    loaded = load_autoencoder(bundle.path)
+    assert loaded.model.encoder.conv_in.weight.shape == (8, 3, 3, 3)
+    remembered = json.loads((tmp_path / "cache" / "verified-sha256.json").read_text())
+    assert bundle.meta["hashes"]["autoencoder"] in remembered.values()
+
+
+def test_weights_load_in_the_asked_dtype(tmp_path):
+    bundle = tiny_autoencoder_bundle(tmp_path / "vae")
+    loaded = load_autoencoder(bundle.path, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    reference = load_autoencoder(bundle.path).model.state_dict()
+    for key, value in loaded.model.state_dict().items():
+        assert torch.equal(value, reference[key].to(torch.bfloat16)), key
+
+
 def test_a_config_claiming_huge_shapes_is_refused_before_allocating(tmp_path):
     bundle = tiny_autoencoder_bundle(tmp_path / "vae")
     meta = json.loads((bundle.path / "bundle.json").read_text())

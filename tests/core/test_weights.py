@@ -274,3 +274,12 @@ def test_lpips_backbone_downloads_into_the_torch_cache(server, hub, tmp_path):
     assert vgg16_cache_path().read_bytes() == served.read_bytes()
     torch.testing.assert_close(model.features[0].weight, features[0].weight)
     assert httpd.requests == ["/vgg16.pth"]  # the heads came from the lpips package
+
+
+def test_lpips_backbone_url_is_torchvisions():
+    from torchvision.models import VGG16_Weights
+
+    from ldm_cli.autoencoder.lpips import VGG16_FILE
+
+    assert VGG16_FILE.url == VGG16_Weights.IMAGENET1K_V1.url
+    assert VGG16_FILE.filename == "vgg16-397923af.pth"

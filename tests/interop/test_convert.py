@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,12 @@ from diffusers.loaders.single_file_utils import (
 )
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModel
 from typer.testing import CliRunner
 
 from ldm_cli.autoencoder.load import load_autoencoder
 from ldm_cli.bundle import load_bundle
 from ldm_cli.cli import app
 from ldm_cli.diffusion.load import load_latent_diffusion
-from ldm_cli.diffusion.text import _byte_level_clip_tokenizer
 from ldm_cli.errors import BundleError, IncompatibleError, MissingWeightsError, RunDirError, UsageError
 from ldm_cli.interop.checks import check_autoencoder_weights as _check_autoencoder
 from ldm_cli.interop.checks import check_unet_weights as _check_unet
@@ -44,6 +41,7 @@ from ldm_cli.interop.convert import (
 from ldm_cli.interop.detect import detect_unet_config
 from ldm_cli.interop.export import export_diffusers, export_single_file
 from ldm_cli.interop.sd_keys import unet_diffusers_to_sd, unet_sd_to_diffusers, vae_diffusers_to_sd, vae_sd_to_diffusers
+from tests.tiny_sd import tiny_sd_parts
 
 PROMPT = "a red circle"
 
@@ -54,14 +52,6 @@ class NotATensor:
 
 def quiet(message: str) -> None:
     pass
-
-
-def perturb(model: torch.nn.Module, seed: int) -> None:
-    """Distinct non-trivial values everywhere (diffusers zero-initialises some layers), near the init."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
 
 
 def folder_tensors(root: Path) -> dict[str, torch.Tensor]:
@@ -83,30 +73,12 @@ def assert_bit_identical(actual: dict[str, torch.Tensor], expected: dict[str, to
 @pytest.fixture(scope="module")
 def diffusers_dir(tmp_path_factory) -> Path:
     """A tiny random SD pipeline saved by diffusers itself: U-Net (32, 64), VAE (8, 16), CLIP width 32."""
-    tokenizer = _byte_level_clip_tokenizer(77)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, sample_size=8, attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16), norm_num_groups=8, layers_per_block=1, latent_channels=4, sample_size=16,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
-    for seed, model in enumerate((unet, vae, text_encoder)):
-        perturb(model, seed)
+    parts = tiny_sd_parts()
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1,
     )
-    pipeline = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipeline = StableDiffusionPipeline(**parts, scheduler=scheduler)
     root = tmp_path_factory.mktemp("diffusers") / "tiny-sd"
     pipeline.save_pretrained(root, safe_serialization=True)
     return root
@@ -406,7 +378,7 @@ def test_unsupported_diffusers_unet_is_refused(diffusers_dir, tmp_path):
 # ------------------------------------------------------------------------------------- CLI and SD1.5
 
 
-def test_cli_import_and_both_exports(diffusers_dir, tmp_path, monkeypatch, capsys):
+def test_cli_import_and_both_exports(diffusers_dir, tmp_path, ldm):
     runner = CliRunner()
     result = runner.invoke(app, ["convert", "--from", str(diffusers_dir), "--out", str(tmp_path / "bundle")])
     assert result.exit_code == 0, result.output
@@ -425,13 +397,9 @@ def test_cli_import_and_both_exports(diffusers_dir, tmp_path, monkeypatch, capsy
     assert_bit_identical(folder_tensors(tmp_path / "d2"), folder_tensors(tmp_path / "d"))
 
     # the real entry point: one `error:` line and the error's exit code
-    from ldm_cli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["ldm", "convert", "--from", str(tmp_path / "bundle" / "autoencoder"), "--to", "diffusers", "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == BundleError.exit_code
-    error_lines = capsys.readouterr().err.strip().splitlines()
+    code, _, err = ldm("convert", "--from", tmp_path / "bundle" / "autoencoder", "--to", "diffusers", "--out", tmp_path / "x")
+    assert code == BundleError.exit_code
+    error_lines = err.strip().splitlines()
     assert len(error_lines) == 1 and error_lines[0].startswith("error: ") and "'latent-diffusion'" in error_lines[0]
 
 

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+from diffusers import EulerDiscreteScheduler, StableDiffusionInpaintPipeline
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel
 
-from ldm_cli import cli
 from ldm_cli.diffusion.load import load_latent_diffusion
-from ldm_cli.diffusion.text import _byte_level_clip_tokenizer
 from ldm_cli.errors import DataError, UsageError
 from ldm_cli.interop.convert import import_checkpoint
 from ldm_cli.interop.export import export_diffusers, export_single_file
@@ -24,6 +20,7 @@ from ldm_cli.sampling.inpaint import inpaint, latent_blend, load_mask
 from ldm_cli.sampling.metadata import read_metadata
 from ldm_cli.sampling.pipeline import ImageJob, InitLatent, SamplingPipeline, SamplingSettings
 from tests.sampling.helpers import write_tiny_latent_diffusion
+from tests.tiny_sd import tiny_sd_parts
 
 PROMPT = "a red square"
 SIZE = 16
@@ -33,42 +30,15 @@ def quiet(message: str) -> None:
     pass
 
 
-def _perturb(model: torch.nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-
-
 def _tiny_sd_inpaint_folder(root: Path, in_channels: int) -> Path:
     """A tiny random StableDiffusionInpaintPipeline saved by diffusers (U-Net reading `in_channels`)."""
-    tokenizer = _byte_level_clip_tokenizer(77)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, sample_size=8, attention_head_dim=4,
-        in_channels=in_channels, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16), norm_num_groups=8, layers_per_block=1, latent_channels=4, sample_size=SIZE,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
-    for seed, model in enumerate((unet, vae, text_encoder)):
-        _perturb(model, seed)
+    parts = tiny_sd_parts(in_channels, scale=0.1)
     with torch.no_grad():  # a narrow posterior: diffusers samples the VAE where ldm takes its mode
-        vae.quant_conv.weight[4:] = 0
-        vae.quant_conv.bias[4:] = -30
+        parts["vae"].quant_conv.weight[4:] = 0
+        parts["vae"].quant_conv.bias[4:] = -30
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                                       timestep_spacing="leading")
-    pipeline = StableDiffusionInpaintPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(root, safe_serialization=True)
+    StableDiffusionInpaintPipeline(**parts, scheduler=scheduler).save_pretrained(root, safe_serialization=True)
     return root
 
 
@@ -89,18 +59,12 @@ def images(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def ldm(monkeypatch, capsys):
-    """Run `ldm ARGS` through cli.main (as the console script does): (exit code, stdout + stderr)."""
+def ldm(ldm):
+    """`ldm ARGS` through cli.main (conftest's `ldm`): (exit code, stdout + stderr)."""
 
     def run(*args: str) -> tuple[int, str]:
-        monkeypatch.setattr(sys, "argv", ["ldm", *map(str, args)])
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as exit:
-            code = exit.code or 0
-        captured = capsys.readouterr()
-        return code, captured.out + captured.err
+        code, out, err = ldm(*args)
+        return code, out + err
 
     return run
 

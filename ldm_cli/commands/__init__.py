@@ -1,0 +1,1 @@
+"""The `ldm` subcommands as Typer functions (parse, compose config, call in); `cli.py` registers them."""
