@@ -52,6 +52,9 @@ class TrainConfig:
     # train-diffusion, when the precision is bf16: the U-Net itself in bf16 with float32 master weights
     # (training/master_weights.py) instead of autocast
     bf16_weights: bool = False
+    # with bf16_weights: false drops the float32 masters and adafactor updates the bf16 weights in place
+    # with stochastic rounding (training/optim.py), which halves the weights' and gradients' memory
+    master_weights: bool = True
     channels_last: bool = True
     ema_decay: Optional[float] = None  # e.g. 0.9999; None disables EMA
     seed: int = 0
@@ -265,6 +268,8 @@ def validate(config: Any) -> None:
         check_log_with(train.log_with)
         _check(not train.bf16_weights or train.precision in ("auto", "bf16"), "train.bf16_weights",
                "false unless train.precision is bf16 or auto", train.bf16_weights)
+        _check(train.master_weights or (train.bf16_weights and train.optimizer == "adafactor"), "train.master_weights",
+               "true unless train.bf16_weights=true and train.optimizer=adafactor (stochastic rounding)", train.master_weights)
     data = getattr(config, "data", None)
     if data is not None:
         _check(data.resolution > 0, "data.resolution", "a positive integer", data.resolution)

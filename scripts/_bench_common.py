@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 MiB = 2**20
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,11 +79,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def setup(args: argparse.Namespace) -> torch.device:
+def setup(args: argparse.Namespace, section: str = "") -> torch.device:
     """Threads, device, and a header saying what this run measures on; with --markdown, everything printed
-    from here on also goes to the script's section of the markdown file when the script ends."""
+    from here on also goes to the script's section of the markdown file when the script ends (one section
+    per `section`, by default "--preset NAME"; e.g. "--preset sd15 --memory" where modes report different things)."""
     if getattr(args, "markdown", None):
-        _record_markdown(Path(args.markdown), getattr(args, "preset", None))
+        preset = getattr(args, "preset", None)
+        _record_markdown(Path(args.markdown), section or (f"--preset {preset}" if preset else ""))
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -184,6 +188,39 @@ def interleaved_timings(
     return {name: Timing(statistics.median(values), min(values)) for name, values in seconds.items()}
 
 
+# ------------------------------------------------------------------------------ bf16 without bf16
+
+
+def _upcast(value: Any) -> Any:
+    return value.float() if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16 else value
+
+
+def _downcast(value: Any) -> Any:
+    return value.bfloat16() if isinstance(value, torch.Tensor) and value.dtype == torch.float32 else value
+
+
+class Fp32MatmulsForBf16(TorchDispatchMode):
+    """Runs bf16 matmuls and convolutions (forward and backward) as float32 kernels on upcast copies and
+    rounds their results back to bf16: on CPUs without native bf16 (no AVX512-BF16 or AMX) oneDNN's
+    emulated bf16 kernels run below 1 GFLOP/s, which makes one SD-1.5-size bf16 step take hours. Every
+    tensor kept between ops (weights, activations saved for backward, gradients) stays bf16, so the peak
+    memory is a bf16 run's plus one op's float32 operands at a time."""
+
+    OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.aten.baddbmm.default, torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in self.OPS and any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
+            return tree_map(_downcast, func(*tree_map(_upcast, args), **tree_map(_upcast, kwargs)))
+        return func(*args, **kwargs)
+
+
+def emulate_bf16(device: torch.device) -> bool:
+    """True on CPUs where bf16 matmuls are emulated (no AVX512-BF16 or AMX flag in /proc/cpuinfo)."""
+    return device.type == "cpu" and _cpu_bf16() == "no native bf16"
+
+
 # ----------------------------------------------------------------------------------------- memory
 
 
@@ -263,6 +300,62 @@ def _measure_in_fresh_process(build_case: CaseBuilder, payload: Any, name: str, 
     return reading
 
 
+def _isolated_child(sender, build_case: CaseBuilder, payload: Any, name: str, repeats: int, warmup: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    import diffusers
+
+    for class_name in ("AutoencoderKL", "UNet2DConditionModel", "StableDiffusionPipeline"):
+        getattr(diffusers, class_name)
+    _release_freed_memory()
+    start = _status_kib("VmRSS") * 1024
+    call = build_case(payload, name)
+    flops = None
+    for index in range(warmup):
+        if index == 0:
+            flops = count_flops(call)
+        else:
+            call()
+    _release_freed_memory()
+    measurable = _reset_peak_rss()
+    seconds = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - began)
+    peak = _status_kib("VmHWM") * 1024 - start if measurable else None
+    sender.send(Isolated(Timing(statistics.median(seconds), min(seconds)), peak, flops, getattr(call, "counts", {})))
+
+
+@dataclass
+class Isolated:
+    timing: Timing
+    peak: int | None  # bytes, RSS high-water mark of the timed calls above the RSS before the case was built
+    flops: int | None  # of one call, counted during the first warm-up call (None without warm-up)
+    counts: dict[str, int]  # the call's own `counts` attribute, if any (e.g. parameter counts)
+
+
+def isolated_timings(
+    names: list[str], build_case: CaseBuilder, payload: Any, repeats: int, warmup: int
+) -> dict[str, Isolated]:
+    """Seconds per call and peak RSS of each case, one fresh spawned process per case, one case after the
+    other (for cases too large to be held in memory together; CPU only): `warmup` calls (the first one
+    also counts FLOPs), then `repeats` timed calls."""
+    context = multiprocessing.get_context("spawn")
+    results = {}
+    for name in names:
+        receiver, sender = context.Pipe(duplex=False)
+        process = context.Process(target=_isolated_child,
+                                  args=(sender, build_case, payload, name, repeats, warmup, torch.get_num_threads()))
+        process.start()
+        while not receiver.poll(1.0):
+            if not process.is_alive():
+                raise RuntimeError(f"the measurement of {name!r} died (exit code {process.exitcode})")
+        results[name] = receiver.recv()
+        process.join()
+        print(f"  {name}: {results[name].timing.median:.1f} s per step, peak {mib(results[name].peak)} MiB", flush=True)
+    return results
+
+
 def measure_memory(
     names: list[str], build_case: CaseBuilder, payload: Any, warmup: int, device: torch.device
 ) -> dict[str, int | None]:
@@ -339,11 +432,11 @@ class _Tee:
         return getattr(self.stream, name)
 
 
-def _record_markdown(path: Path, preset: str | None = None) -> None:
-    """Tee stdout; at exit, write it as the section of this script and preset (each preset keeps its own)."""
+def _record_markdown(path: Path, section: str = "") -> None:
+    """Tee stdout; at exit, write it as the section of this script and `section` (each keeps its own)."""
     tee = _Tee(sys.stdout)
     sys.stdout = tee
-    script = Path(sys.argv[0]).name + (f" --preset {preset}" if preset else "")
+    script = Path(sys.argv[0]).name + (f" {section}" if section else "")
     command = " ".join(["python", f"scripts/{Path(sys.argv[0]).name}", *sys.argv[1:]])
     atexit.register(lambda: write_markdown_section(path, script, command, "".join(tee.parts)))
 

@@ -11,16 +11,26 @@ same run, interleaved. `--variants` flips one of ours' settings at a time.
     python scripts/bench_train_diffusion.py                      # tiny U-Net, 8x8 latents, batch 64
     python scripts/bench_train_diffusion.py --preset small --repeats 3
     python scripts/bench_train_diffusion.py --preset sd15 --device cuda --variants
+    python scripts/bench_train_diffusion.py --preset sd15 --markdown    # on the CPU: fp32, minutes (see below)
     python scripts/bench_train_diffusion.py --preset small --lora           # LoRA steps: ours (peft, as
         `ldm train-lora`) beside diffusers + peft (`add_adapter`), same rank and targets; plus our full
         fine-tune step for the memory ratio
     python scripts/bench_train_diffusion.py --preset sd15 --memory      # peak memory per optimiser
+    python scripts/bench_train_diffusion.py --preset sd15 --lora --resolution 32
 
 `--memory` measures only peak memory, of the low-memory setting a large fine-tune uses: batch 1,
 gradient checkpointing, bf16. Ours trains with bf16 weights + float32 masters and each
-`train.optimizer` (adamw, adafactor, adamw8bit where bitsandbytes imports); diffusers as its
+`train.optimizer` (adamw, adafactor, adamw8bit where bitsandbytes imports), and with adafactor
+updating the bf16 weights without masters (train.master_weights=false); diffusers as its
 train_text_to_image.py with --gradient_checkpointing --mixed_precision=bf16 (float32 weights,
 autocast, torch AdamW). On the CPU each case runs in its own fresh process (peak RSS).
+
+On CPUs without native bf16, bf16 matmuls and convolutions run as float32 kernels on upcast copies
+(`_bench_common.Fp32MatmulsForBf16`; the tensors kept stay bf16, so memory is bf16's). The sd15 preset
+on the CPU (a full fine-tune step needs about 14 GB) runs each case in its own process, one after the
+other, with gradient checkpointing on both sides: one warm-up and one measured step per case (or
+`--repeats`), which also give the peak memory; fp32 only where bf16 is emulated; `--memory` measures
+each case's first step.
 """
 
 from __future__ import annotations
@@ -64,7 +74,8 @@ PRESETS = {
     "tiny": Preset("tiny", "diffusion_tiny", 8, 64, 32, 5, "configs/unet/tiny.yaml (~4.6M params), 8x8 latents, batch 64"),
     "small": Preset("small", "diffusion", 32, 16, 32, 3,
                     "configs/unet/small.yaml (~41M params), 32x32 latents (its sample_size), batch 16"),
-    "sd15": Preset("sd15", "diffusion", 64, 1, 77, 5, "SD-1.5 U-Net (860M params), 64x64 latents, batch 1; GPU only"),
+    "sd15": Preset("sd15", "diffusion", 64, 1, 77, 5, "SD-1.5 U-Net (860M params), 64x64 latents, batch 1 (on the CPU: "
+                   "1 measured step per case, each case in its own process, gradient checkpointing)"),
 }
 
 
@@ -79,6 +90,7 @@ class Case:
     checkpointing: bool = False  # gradient checkpointing (unet.gradient_checkpointing / enable_gradient_checkpointing)
     variant: str = ""  # how the case differs from the side's own training setup, for its name
     lora: bool = False  # only LoRA adapters train (Payload.lora_rank, Payload.lora_targets)
+    master_weights: bool = True  # with bf16_weights: float32 masters, or (False) adafactor on the bf16 weights (train.master_weights)
 
     @property
     def name(self) -> str:
@@ -98,6 +110,8 @@ class Payload:
     cases: dict[str, Case]
     lora_rank: int = 16
     lora_targets: str = "attention"
+    emulate_bf16: bool = False  # bf16 matmuls as float32 kernels (_bench_common.Fp32MatmulsForBf16)
+    checkpointing: bool = False  # gradient checkpointing for every case
 
 
 
@@ -106,7 +120,7 @@ def build_model(payload: Payload, case: Case) -> tuple[torch.nn.Module, Callable
     from diffusers import UNet2DConditionModel
 
     config = from_dict(payload.unet_config, UNetConfig)
-    config.gradient_checkpointing = case.checkpointing
+    config.gradient_checkpointing = case.checkpointing or payload.checkpointing
     torch.manual_seed(payload.seed)
     ours = UNet(config)
     if case.side == "ours":
@@ -116,7 +130,7 @@ def build_model(payload: Payload, case: Case) -> tuple[torch.nn.Module, Callable
     else:
         model = UNet2DConditionModel(**config.to_diffusers_config())
         model.load_state_dict(ours.state_dict(), strict=True)  # parameter names are diffusers'
-        if case.checkpointing:
+        if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         del ours
 
@@ -148,12 +162,15 @@ def add_lora(model: torch.nn.Module, side: str, payload: Payload) -> None:
 def build_step(payload: Payload, case: Case, models: dict | None = None) -> Callable[[], torch.Tensor]:
     """One training step of `case` as a closure. `models` shares a model between autocast precisions."""
     device = torch.device(payload.device)
-    key = (case.side, case.bf16_weights, case.channels_last, case.fused_adamw, case.lora, case.optimizer, case.checkpointing)
+    key = (case.side, case.bf16_weights, case.channels_last, case.fused_adamw, case.optimizer, case.checkpointing,
+           case.master_weights, case.lora)
     if models is not None and key in models:
         model, forward, optimizer, master = models[key]
     else:
         model, forward = build_model(payload, case)
-        master = MasterWeights(model) if case.bf16_weights else None  # casts the model to bf16
+        master = MasterWeights(model) if case.bf16_weights and case.master_weights else None  # casts the model to bf16
+        if case.bf16_weights and not master:
+            model.to(torch.bfloat16)
         # ours as DiffusionTrainer steps (fused AdamW); diffusers as its example training script (default AdamW)
         parameters = master.parameters if master else [p for p in model.parameters() if p.requires_grad]
         if case.optimizer:
@@ -172,7 +189,7 @@ def build_step(payload: Payload, case: Case, models: dict | None = None) -> Call
     memory_format = torch.channels_last if case.channels_last else torch.contiguous_format
     autocast_precision = "fp32" if case.bf16_weights else case.precision
 
-    def step() -> torch.Tensor:
+    def plain_step() -> torch.Tensor:
         noise = torch.randn(shape, device=device)
         timesteps = torch.randint(0, schedule.num_train_timesteps, (shape[0],), device=device)
         x_t = schedule.add_noise(x0, noise, timesteps).to(input_dtype).contiguous(memory_format=memory_format)
@@ -188,7 +205,14 @@ def build_step(payload: Payload, case: Case, models: dict | None = None) -> Call
             master.copy_to_model()
         return loss
 
-    return step
+    def step() -> torch.Tensor:
+        with bench.Fp32MatmulsForBf16():
+            return plain_step()
+
+    chosen = step if payload.emulate_bf16 and case.precision == "bf16" else plain_step
+    chosen.counts = {"parameters": sum(p.numel() for p in model.parameters()),
+                     "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return chosen
 
 
 def build_case(payload: Payload, name: str) -> Callable[[], torch.Tensor]:
@@ -226,6 +250,8 @@ def memory_cases(trainer: TrainConfig) -> list[Case]:
     optimizers = [name for name in OPTIMIZERS if name != "adamw8bit" or importlib.util.find_spec("bitsandbytes")]
     cases = [Case("ours", "bf16", channels_last=trainer.channels_last, bf16_weights=True, optimizer=name,
                   checkpointing=True, variant=name) for name in optimizers]
+    cases.append(Case("ours", "bf16", channels_last=trainer.channels_last, bf16_weights=True, optimizer="adafactor",
+                      checkpointing=True, master_weights=False, variant="adafactor no-masters"))
     return cases + [Case("diffusers", "bf16", checkpointing=True, variant="AdamW")]
 
 
@@ -234,17 +260,71 @@ def report_memory(payload: Payload, preset: Preset, args: argparse.Namespace, de
           f"{payload.context_length}: one training step with gradient checkpointing at bf16\n")
     if "ours bf16 adamw8bit" not in payload.cases:
         print("note: bitsandbytes does not import here; adamw8bit is left out\n")
+    if payload.emulate_bf16:
+        print("note: this CPU has no native bf16: bf16 matmuls and convolutions run as float32 kernels on upcast "
+              "copies (Fp32MatmulsForBf16), every stored tensor stays bf16\n")
+    warmup = args.warmup if args.warmup_given or not heavy(args, device) else 0
+    if warmup == 0:
+        print("note: no warm-up step: the measured step is each case's first (it allocates the optimiser state "
+              "while the gradients are held, as every later step holds both)\n")
     print("peak memory (a fresh process per case) ...\n" if device.type == "cpu" else "peak memory ...\n", flush=True)
-    memory = bench.measure_memory(list(payload.cases), build_case, payload, args.warmup, device)
+    memory = bench.measure_memory(list(payload.cases), build_case, payload, warmup, device)
     reference = memory.get("diffusers bf16 AdamW")
     rows = [[name, bench.mib(peak), bench.ratio(peak, reference)] for name, peak in memory.items()]
     bench.print_table(["case", "peak MiB", "vs diffusers"], rows)
-    print("\nours: bf16 weights + float32 masters (train.bf16_weights), the named train.optimizer; diffusers: "
+    print("\nours: bf16 weights + float32 masters (train.bf16_weights) and the named train.optimizer; 'no-masters': "
+          "adafactor updating the bf16 weights with stochastic rounding (train.master_weights=false); diffusers: "
           "train_text_to_image.py's step (float32 weights, autocast, torch AdamW)")
     print(bench.memory_note(device))
-    adafactor = memory.get("ours bf16 adafactor")
-    if adafactor and reference:
-        print(f"\nours with adafactor vs diffusers: {adafactor / reference:.2f}x peak memory")
+    for name in ("ours bf16 adafactor", "ours bf16 adafactor no-masters"):
+        if memory.get(name) and reference:
+            print(f"{name.removeprefix('ours bf16 ')} vs diffusers: {memory[name] / reference:.2f}x peak memory")
+
+
+def heavy(args: argparse.Namespace, device: torch.device) -> bool:
+    """SD-1.5 size on the CPU: cases measured one at a time, each in its own process, with fewer steps."""
+    return args.preset == "sd15" and device.type == "cpu"
+
+
+def describe(payload: Payload, preset: Preset, args: argparse.Namespace, counts: dict[str, dict[str, int]], repeats: int,
+             how: str) -> None:
+    """The parameter counts (trainable ones of each LoRA case) and what is measured."""
+    for name, case in payload.cases.items():
+        if case.lora and name in counts:
+            print(f"{name} LoRA: rank {args.lora_rank} on {args.lora_targets}: "
+                  f"{counts[name]['trainable'] / 1e6:.2f}M trainable parameters")
+    parameters = next(iter(counts.values()))["parameters"]
+    print(f"U-Net {preset.unet}: {parameters / 1e6:.1f}M parameters, latents {payload.batch_size}x4x{payload.latent_size}x"
+          f"{payload.latent_size}, context {payload.context_length}x{payload.unet_config['cross_attention_dim']}; "
+          f"{repeats} measured steps per case after {args.warmup} warm-up, {how}, median\n")
+
+
+def time_interleaved(payload: Payload, preset: Preset, args: argparse.Namespace, device: torch.device) -> tuple:
+    """Every case held at once and timed in interleaved rounds; then peak memory, a fresh process per case."""
+    repeats = args.repeats or preset.repeats
+    models: dict = {}
+    steps = {name: build_step(payload, case, models) for name, case in payload.cases.items()}
+    describe(payload, preset, args, {name: step.counts for name, step in steps.items()}, repeats, "interleaved")
+    print("timing ...", flush=True)
+    flops = bench.count_flops(steps[next(iter(steps))])  # the same for every case: same architecture and batch
+    timings = bench.interleaved_timings(steps, repeats, args.warmup, device)
+    del steps, models
+    memory: dict = {}
+    if not args.no_memory:
+        print("peak memory (a fresh process per case) ...\n" if device.type == "cpu" else "peak memory ...\n", flush=True)
+        memory = bench.measure_memory(list(payload.cases), build_case, payload, args.warmup, device)
+    return timings, flops, memory
+
+
+def time_one_by_one(payload: Payload, preset: Preset, args: argparse.Namespace) -> tuple:
+    """Each case in its own fresh process, one after the other: time and peak memory of the same steps."""
+    repeats = args.repeats or 1
+    print(f"timing and peak memory ({repeats} step(s) after {args.warmup} warm-up, a fresh process per case) ...", flush=True)
+    results = bench.isolated_timings(list(payload.cases), build_case, payload, repeats, args.warmup)
+    print()
+    describe(payload, preset, args, {name: result.counts for name, result in results.items()}, repeats, "one case after another")
+    memory = {} if args.no_memory else {name: result.peak for name, result in results.items()}
+    return {name: result.timing for name, result in results.items()}, next(iter(results.values())).flops, memory
 
 
 def main() -> None:
@@ -265,10 +345,18 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the GPU's peak TFLOP/s for model-FLOPs utilisation (default 989: H100 SXM dense bf16)")
     args = parser.parse_args()
+    args.warmup_given = "--warmup" in sys.argv
     preset = PRESETS[args.preset]
-    device = bench.setup(args)
-    if device.type == "cpu" and args.preset == "sd15":
-        print("warning: the sd15 preset on the CPU takes minutes per step\n")
+    modes = [flag for flag, on in (("--lora", args.lora), ("--memory", args.memory)) if on]
+    device = bench.setup(args, " ".join([f"--preset {args.preset}", *modes]))
+    emulate = bench.emulate_bf16(device)
+    if heavy(args, device):
+        if emulate and args.precision == "both" and not args.memory:
+            args.precision = "fp32"
+            print("note: fp32 only: this CPU has no native bf16 (compare bf16 with --precision bf16, slowly)")
+        if not args.memory:
+            print("note: the sd15 preset on the CPU: gradient checkpointing on both sides, each case in its own process "
+              "(they do not fit in memory together), one after the other, not interleaved\n")
 
     trainer = bench.load_yaml("train", preset.train, TrainConfig)
     payload = Payload(
@@ -281,33 +369,19 @@ def main() -> None:
         cases={case.name: case for case in select_cases(args, trainer)},
         lora_rank=args.lora_rank,
         lora_targets=args.lora_targets,
+        emulate_bf16=emulate,
+        checkpointing=heavy(args, device),
     )
     if args.memory:
         payload.batch_size = args.batch_size or 1
         payload.cases = {case.name: case for case in memory_cases(trainer)}
         report_memory(payload, preset, args, device)
         return
-    repeats = args.repeats or preset.repeats
-    models: dict = {}
-    steps = {name: build_step(payload, case, models) for name, case in payload.cases.items()}
-    parameters = sum(p.numel() for p in next(iter(models.values()))[0].parameters())
-    for key, (model, *_rest) in models.items():
-        if key[-1]:  # a LoRA case
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            print(f"{key[0]} LoRA: rank {args.lora_rank} on {args.lora_targets}: {trainable / 1e6:.2f}M trainable parameters")
-    print(f"U-Net {preset.unet}: {parameters / 1e6:.1f}M parameters, latents {payload.batch_size}x4x{payload.latent_size}x"
-          f"{payload.latent_size}, context {payload.context_length}x{payload.unet_config['cross_attention_dim']}; "
-          f"{repeats} measured steps per case after {args.warmup} warm-up, interleaved, median\n")
-
-    print("timing ...", flush=True)
-    flops = bench.count_flops(steps[next(iter(steps))])  # the same for every case: same architecture and batch
-    timings = bench.interleaved_timings(steps, repeats, args.warmup, device)
+    if heavy(args, device):
+        timings, flops, memory = time_one_by_one(payload, preset, args)
+    else:
+        timings, flops, memory = time_interleaved(payload, preset, args, device)
     seconds = {name: timing.median for name, timing in timings.items()}
-    del steps, models
-    memory: dict = {}
-    if not args.no_memory:
-        print("peak memory (a fresh process per case) ...\n" if device.type == "cpu" else "peak memory ...\n", flush=True)
-        memory = bench.measure_memory(list(payload.cases), build_case, payload, args.warmup, device)
 
     rows = []
     for name, case in payload.cases.items():
@@ -317,7 +391,7 @@ def main() -> None:
         throughput = payload.batch_size / seconds[name]
         row = [name, f"{seconds[name] * 1e3:.1f}", f"{timings[name].best * 1e3:.1f}", f"{throughput:.1f}",
                bench.ratio(seconds.get(reference), seconds[name]) if case.side == "ours" else "",
-               f"{flops / seconds[name] / 1e9:.0f}", bench.mib(memory.get(name)),
+               f"{flops / seconds[name] / 1e9:.0f}" if flops else "n/a", bench.mib(memory.get(name)),
                bench.ratio(memory.get(name), memory.get(reference)) if case.side == "ours" and memory else ""]
         if device.type == "cuda":
             row.append(f"{100 * flops / seconds[name] / (args.peak_tflops * 1e12):.1f}%")
@@ -326,7 +400,7 @@ def main() -> None:
     if device.type == "cuda":
         headers.append(f"MFU@{args.peak_tflops:g}TF")
     bench.print_table(headers, rows)
-    print(f"\none step = {flops / 1e9:.1f} GFLOP (FlopCounterMode, forward + backward); 'vs diffusers' = ours' "
+    print(f"\none step = {(flops or 0) / 1e9:.1f} GFLOP (FlopCounterMode, forward + backward); 'vs diffusers' = ours' "
           "throughput / diffusers' at the same precision (higher is faster); 'mem vs diffusers' = peak / theirs;\n"
           f"ours trains as ldm train-diffusion with train/{preset.train}.yaml (fused AdamW, "
           f"{'channels_last' if trainer.channels_last else 'NCHW'}, bf16 as "

@@ -25,3 +25,33 @@ def test_adherence_scores_true_and_wrong_captions():
     shuffled = score_adherence(images, captions[1:] + captions[:1])
     assert shuffled["colour_and_shape"] < 0.5
     assert len(adherence_prompts(5)) == 5 and adherence_prompts(5) == adherence_prompts(5)
+
+
+def test_adherence_stage_reports_random_and_held_out_prompts_with_intervals(tmp_path, monkeypatch):
+    from ldm_cli import quickstart
+    from tests.sampling.helpers import write_tiny_latent_diffusion
+
+    model = write_tiny_latent_diffusion(tmp_path / "model", resolution=32)
+    monkeypatch.setitem(quickstart.PRESET, "adherence_prompts", 6)
+    monkeypatch.setitem(quickstart.PRESET, "held_out_prompts", 4)
+    monkeypatch.setitem(quickstart.PRESET, "sample_steps", 2)
+    reports = quickstart.adherence(model, tmp_path / "adherence", "cpu")
+    assert set(reports) == {"random", "held_out"}
+    assert reports["random"]["prompts"] == 6 and reports["held_out"]["prompts"] == 4
+    assert len(list((tmp_path / "adherence" / "held_out").glob("*.png"))) == 4
+    for report in reports.values():
+        both = report["colour_and_shape"]
+        assert 0 <= both["low"] <= both["rate"] <= both["high"] <= 1 and both["n"] == report["prompts"]
+    asked = {colour for rows in reports["held_out"]["colour_confusion"].values() for colour in rows}
+    assert asked <= {colour for colour, _ in HELD_OUT_PAIRS}
+    json.dumps(reports)  # summary.json takes it as it is
+
+
+def test_reconstruction_adherence_scores_the_autoencoders_round_trip(tmp_path):
+    from ldm_cli.quickstart import reconstruction_adherence
+    from tests.sampling.helpers import write_tiny_latent_diffusion
+
+    model = write_tiny_latent_diffusion(tmp_path / "model", resolution=32)  # random weights: shapes are lost
+    report = reconstruction_adherence(model, 8, 32)
+    assert report["prompts"] == 8 and report["colour_and_shape"]["n"] == 8
+    assert report["colour_and_shape"]["rate"] < 0.5

@@ -97,10 +97,14 @@ class DiffusionTrainer:
             self.unet.load_state_dict(init_weights)
         self.unet = self._adapt(self.unet)
         self.unet.to(device, memory_format=self.memory_format)
-        # bf16 weights: the optimiser and EMA see float32 masters, and the forward runs without autocast
-        self.master = MasterWeights(self.unet) if train.bf16_weights and self.precision == "bf16" else None
-        self.input_dtype = torch.bfloat16 if self.master else torch.float32
-        self.autocast_precision = "fp32" if self.master else self.precision
+        # bf16 weights: the forward runs without autocast; the optimiser and EMA see float32 masters, or
+        # without masters the bf16 weights themselves (adafactor rounds its updates stochastically)
+        bf16_weights = train.bf16_weights and self.precision == "bf16"
+        self.master = MasterWeights(self.unet) if bf16_weights and train.master_weights else None
+        if bf16_weights and not self.master:
+            self.unet.to(torch.bfloat16)
+        self.input_dtype = torch.bfloat16 if bf16_weights else torch.float32
+        self.autocast_precision = "fp32" if bf16_weights else self.precision
         self.model = DistributedDataParallel(self.unet) if dist.enabled else self.unet
         self.optimizer = build_optimizer(self._parameter_groups(), train)
         self.lr_schedule = build_lr_schedule(self.optimizer, train)
@@ -197,8 +201,10 @@ class DiffusionTrainer:
         return self.unet if self.ema is None else self.ema.averaged(self.unet)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """The trained U-Net's state dict in float32 (from the masters under bf16_weights)."""
-        return self.master.state_dict(self.unet) if self.master else self.unet.state_dict()
+        """The trained U-Net's state dict in float32 (from the masters under bf16_weights, if any)."""
+        if self.master:
+            return self.master.state_dict(self.unet)
+        return {name: value.float() if value.is_floating_point() else value for name, value in self.unet.state_dict().items()}
 
     def shipped_weights(self) -> dict[str, torch.Tensor]:
         """The float32 weights a bundle ships: EMA when enabled."""

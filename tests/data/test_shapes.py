@@ -142,3 +142,19 @@ def test_classifier_tolerates_noise_and_reports_empty_images():
     matches = attribute_matches(Image.new("RGB", (32, 32), (0, 0, 0)),
                                 "a small red circle in the center on a black background")
     assert matches == {"size": False, "colour": False, "shape": False, "position": False, "background": True}
+
+
+def test_classifier_scores_the_datasets_own_images_per_colour_and_background():
+    # the adherence scorer is only as honest as its accuracy on real data: every colour and every
+    # background of the quickstart's 32 px images, drawn exactly as write_shapes_dataset draws them
+    correct, total = {}, {}
+    for index in range(1400):
+        image, _, attrs = draw_shape_image(np.random.default_rng([0, index]), 32)
+        right = classify_shape_image(image) == attrs
+        for key in (("colour", attrs["colour"]), ("background", attrs["background"])):
+            correct[key] = correct.get(key, 0) + right
+            total[key] = total.get(key, 0) + 1
+    assert set(total) == {("colour", c) for c in COLOURS} | {("background", b) for b in BACKGROUNDS}
+    accuracy = {key: correct[key] / total[key] for key in total}
+    assert min(total.values()) >= 50
+    assert all(value >= 0.99 for value in accuracy.values()), accuracy

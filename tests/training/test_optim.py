@@ -9,7 +9,7 @@ import torch
 
 from ldm_cli.config import TrainConfig, load_config
 from ldm_cli.errors import ConfigError
-from ldm_cli.training.optim import build_lr_schedule, build_optimizer
+from ldm_cli.training.optim import Adafactor, build_lr_schedule, build_optimizer, copy_stochastic_
 
 
 def lrs(**changes) -> list[float]:
@@ -55,3 +55,61 @@ def test_adafactor_steps_at_the_fixed_learning_rate():
 def test_bad_choices_are_one_line(override, message):
     with pytest.raises(ConfigError, match=message.replace("|", r"\|")):
         load_config("train_diffusion", [override])
+
+
+def adafactor_pair(shapes: list[tuple[int, ...]], **options) -> tuple[list[torch.Tensor], list[torch.Tensor], list]:
+    from transformers.optimization import Adafactor as Reference
+
+    generator = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    settings = dict(lr=1e-2, relative_step=False, scale_parameter=False, warmup_init=False, **options)
+    return ours, theirs, [Adafactor(ours, **settings), Reference(theirs, **settings)]
+
+
+@pytest.mark.parametrize("options", [{}, {"weight_decay": 0.1, "beta1": 0.9}])
+def test_adafactor_equals_transformers_on_float32_parameters(options):
+    shapes = [(7,), (5, 6), (4, 3, 3, 3)]  # unfactored, factored, a convolution's weight
+    ours, theirs, optimizers = adafactor_pair(shapes, **options)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=generator)
+            b.grad = a.grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert set(optimizers[0].state[ours[1]]) == set(optimizers[1].state[theirs[1]])  # the same checkpoint state
+
+
+def test_stochastic_rounding_is_unbiased_and_exact_on_bf16_values():
+    source = torch.full((100_000,), 1.0 + 2**-10)  # an eighth of the way from 1 to the next bf16, 1 + 2**-7
+    target = torch.empty(source.shape, dtype=torch.bfloat16)
+    copy_stochastic_(target, source, torch.Generator().manual_seed(0))
+    assert set(target.float().unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert target.float().mean().item() == pytest.approx(1.0 + 2**-10, abs=2e-5)
+    exact = torch.tensor([0.5, -3.0, 1.0 + 2**-7]).bfloat16()
+    copy_stochastic_(target[:3], exact.float(), torch.Generator().manual_seed(0))
+    assert torch.equal(target[:3], exact)
+
+
+def test_adafactor_moves_bf16_weights_by_updates_below_a_bf16_ulp():
+    """At lr 4e-4 every step is a tenth of a bf16 ulp below 1.0: round-to-nearest (transformers) never
+    moves the weight; stochastic rounding follows the float32 trajectory on average."""
+    weights = {name: torch.nn.Parameter(torch.ones(64, 64, dtype=dtype)) for name, dtype in
+               [("float32", torch.float32), ("ours", torch.bfloat16), ("nearest", torch.bfloat16)]}
+    from transformers.optimization import Adafactor as Reference
+
+    settings = dict(lr=4e-4, relative_step=False, scale_parameter=False, warmup_init=False)
+    optimizers = [Adafactor([weights["float32"]], **settings), Adafactor([weights["ours"]], **settings),
+                  Reference([weights["nearest"]], **settings)]
+    for _ in range(50):
+        for weight in weights.values():
+            weight.grad = torch.ones_like(weight)
+        for optimizer in optimizers:
+            optimizer.step()
+    assert torch.equal(weights["nearest"].detach(), torch.ones(64, 64, dtype=torch.bfloat16))
+    target = weights["float32"].detach().mean().item()  # 1 - 50 * 4e-4
+    assert target == pytest.approx(0.98, abs=1e-6)
+    assert weights["ours"].detach().float().mean().item() == pytest.approx(target, abs=2e-4)
