@@ -333,6 +333,10 @@ def main() -> None:
     if args.process if args.process is not None else (args.preset == "sd15" and device.type == "cpu"):
         if device.type != "cpu":
             raise SystemExit("--process measures CPU processes; use it with --device cpu")
+        if bench.emulate_bf16(device) and args.precision == "both":
+            chosen = ["fp32"]
+            print("note: fp32 only: this CPU has no native bf16, where a bf16 SD-1.5 step takes hours "
+                  "(compare bf16 with --precision bf16, slowly)")
         return run_processes(args, preset, chosen)
     args.sampling_steps = args.sampling_steps or 20
     names = [f"{side} {precision}" for precision in chosen for side in ("ours", "diffusers")]
