@@ -122,7 +122,7 @@ def _ours(case: ProcessCase, mark) -> "object":
         pixels = torch.from_numpy(np.asarray(Image.open(case.init_image).convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
         init = InitLatent(pipeline.encode_image(pixels / 127.5 - 1), "init")
     pipeline.encode_prompts([case.prompt, settings.negative_prompt])  # the call below finds them computed
-    mark("text")
+    mark("text")  # img2img: the init image's encoding included (diffusers' pipeline encodes it in its first step)
     images = pipeline([ImageJob(case.prompt, case.seed, init)], settings, callback=lambda step, total: mark("step"))
     mark("decode")
     save_png(images, Path(case.out) / "image.png")

@@ -82,6 +82,7 @@ PRESETS = {
     "sd15": Preset("sd15", "kl_f8", 768, 12, 512, 3, "SD-1.5 U-Net, kl-f8, CLIP-L-sized text encoder, 512 px"),
 }
 PROCESS_STEPS = 4  # measured DDIM steps per whole-process case: the first, and three to take a median of
+IMG2IMG_STRENGTH = 0.6
 PROJECTED_STEPS = 25  # whole-process times are also given at this many steps: fixed part + steps x median step
 
 
@@ -425,7 +426,7 @@ def init_image(folder: Path, height: int, width: int) -> Path:
 
 def process_cases(args: argparse.Namespace, ours: Path, theirs: Path, scratch: Path, chosen: list[str]) -> list[process.ProcessCase]:
     """txt2img at the preset's size in each precision; in float32 (the first precision chosen) also a
-    non-square txt2img (1.5x the width) and an img2img at strength 0.6. Ours and diffusers' alternate."""
+    non-square txt2img (1.5x the width) and an img2img at IMG2IMG_STRENGTH. Ours and diffusers' alternate."""
     side = args.resolution or PRESETS[args.preset].resolution
     schedule = NoiseSchedule(from_dict(load_bundle(ours, kind="latent-diffusion").meta["schedule"], ScheduleConfig))
     sigma_max = get_sigmas(schedule, args.sampling_steps, SPACING)[0].item()
@@ -433,10 +434,12 @@ def process_cases(args: argparse.Namespace, ours: Path, theirs: Path, scratch: P
     shapes += [(chosen[0], side, side * 3 // 2, None), (chosen[0], side, side, init_image(scratch, side, side))]
     cases = []
     for precision, height, width, init in shapes:
+        # img2img walks the last `strength` of its schedule: it gets the schedule that makes it denoise as many steps
+        steps = math.ceil(args.sampling_steps / IMG2IMG_STRENGTH) if init else args.sampling_steps
         for name, model in (("ours", ours), ("diffusers", theirs)):
             case = process.ProcessCase(
-                name, precision, str(model), height, width, args.sampling_steps, args.guidance_scale, args.seed, "",
-                args.threads, str(init) if init else None, sigma_max=sigma_max,
+                name, precision, str(model), height, width, steps, args.guidance_scale, args.seed, "",
+                args.threads, str(init) if init else None, IMG2IMG_STRENGTH, sigma_max,
             )
             case.out = str(scratch / case.name.replace(" ", "-"))
             cases.append(case)
@@ -481,8 +484,9 @@ def report_processes(results: dict[str, process.ProcessResult], steps: int) -> N
         ])
     bench.print_table(["case", f"wall s ({steps} steps)", "import", "load", "text", "1st-step set-up", "s/step", "decode",
                        "fixed", f"s at {PROJECTED_STEPS} steps", "vs diffusers", "peak MiB", "vs diffusers"], rows)
-    print(f"\nseconds; 'fixed' = the whole process minus its steps' median time ({steps} steps measured): start-up, "
-          f"import, load, text, first-step set-up, decode, PNG; 's at {PROJECTED_STEPS} steps' = fixed + {PROJECTED_STEPS} x s/step; "
+    print(f"\nseconds; 'fixed' = the whole process minus its steps' median time ({steps} denoising steps measured): start-up, "
+          f"import, load, text (img2img: and the init image's encoding), first-step set-up, decode, PNG; 's at "
+          f"{PROJECTED_STEPS} steps' = fixed + {PROJECTED_STEPS} x s/step (img2img: {PROJECTED_STEPS} denoising steps too); "
           "'vs diffusers' = ours / diffusers' for the same precision, mode and size (lower is better); peak = the "
           "process's peak RSS")
     pictures = {name: process.pixels(result) for name, result in results.items() if "img2img" not in name}
