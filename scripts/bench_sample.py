@@ -82,6 +82,7 @@ PRESETS = {
     "sd15": Preset("sd15", "kl_f8", 768, 12, 512, 3, "SD-1.5 U-Net, kl-f8, CLIP-L-sized text encoder, 512 px"),
 }
 PROCESS_STEPS = 4  # measured DDIM steps per whole-process case: the first, and three to take a median of
+IMG2IMG_STRENGTH = 0.6
 PROJECTED_STEPS = 25  # whole-process times are also given at this many steps: fixed part + steps x median step
 
 
@@ -333,6 +334,10 @@ def main() -> None:
     if args.process if args.process is not None else (args.preset == "sd15" and device.type == "cpu"):
         if device.type != "cpu":
             raise SystemExit("--process measures CPU processes; use it with --device cpu")
+        if bench.emulate_bf16(device) and args.precision == "both":
+            chosen = ["fp32"]
+            print("note: fp32 only: this CPU has no native bf16, where a bf16 SD-1.5 step takes hours "
+                  "(compare bf16 with --precision bf16, slowly)")
         return run_processes(args, preset, chosen)
     args.sampling_steps = args.sampling_steps or 20
     names = [f"{side} {precision}" for precision in chosen for side in ("ours", "diffusers")]
@@ -386,14 +391,26 @@ def main() -> None:
 
 
 def prepare_models(folder: Path, preset: Preset, resolution: int, seed: int) -> tuple[Path, Path]:
-    """Our bundle and diffusers' save_pretrained folder of the same random weights, made once per folder."""
+    """Our bundle and diffusers' save_pretrained folder of the same random weights, made once per folder,
+    in a spawned process so that this one stays small while the cases run."""
     ours, theirs = folder / "ldm", folder / "diffusers"
+    if not (ours / "model" / "bundle.json").is_file() or not (theirs / "model_index.json").is_file():
+        import multiprocessing
+
+        writer = multiprocessing.get_context("spawn").Process(target=write_models, args=(ours, theirs, preset, resolution, seed))
+        writer.start()
+        writer.join()
+        if writer.exitcode != 0:
+            raise SystemExit(f"writing the random models failed (exit {writer.exitcode})")
+    return ours / "model", theirs
+
+
+def write_models(ours: Path, theirs: Path, preset: Preset, resolution: int, seed: int) -> None:
     if not (ours / "model" / "bundle.json").is_file():
-        print(f"writing the random {preset.unet} model to {folder} ...", flush=True)
+        print(f"writing the random {preset.unet} model to {ours.parent} ...", flush=True)
         write_random_model(ours, preset, resolution, seed)
     if not (theirs / "model_index.json").is_file():
         diffusers_pipeline(load_latent_diffusion(ours / "model"), torch.device("cpu")).save_pretrained(theirs)
-    return ours / "model", theirs
 
 
 def init_image(folder: Path, height: int, width: int) -> Path:
@@ -409,7 +426,7 @@ def init_image(folder: Path, height: int, width: int) -> Path:
 
 def process_cases(args: argparse.Namespace, ours: Path, theirs: Path, scratch: Path, chosen: list[str]) -> list[process.ProcessCase]:
     """txt2img at the preset's size in each precision; in float32 (the first precision chosen) also a
-    non-square txt2img (1.5x the width) and an img2img at strength 0.6. Ours and diffusers' alternate."""
+    non-square txt2img (1.5x the width) and an img2img at IMG2IMG_STRENGTH. Ours and diffusers' alternate."""
     side = args.resolution or PRESETS[args.preset].resolution
     schedule = NoiseSchedule(from_dict(load_bundle(ours, kind="latent-diffusion").meta["schedule"], ScheduleConfig))
     sigma_max = get_sigmas(schedule, args.sampling_steps, SPACING)[0].item()
@@ -417,10 +434,12 @@ def process_cases(args: argparse.Namespace, ours: Path, theirs: Path, scratch: P
     shapes += [(chosen[0], side, side * 3 // 2, None), (chosen[0], side, side, init_image(scratch, side, side))]
     cases = []
     for precision, height, width, init in shapes:
+        # img2img walks the last `strength` of its schedule: it gets the schedule that makes it denoise as many steps
+        steps = math.ceil(args.sampling_steps / IMG2IMG_STRENGTH) if init else args.sampling_steps
         for name, model in (("ours", ours), ("diffusers", theirs)):
             case = process.ProcessCase(
-                name, precision, str(model), height, width, args.sampling_steps, args.guidance_scale, args.seed, "",
-                args.threads, str(init) if init else None, sigma_max=sigma_max,
+                name, precision, str(model), height, width, steps, args.guidance_scale, args.seed, "",
+                args.threads, str(init) if init else None, IMG2IMG_STRENGTH, sigma_max,
             )
             case.out = str(scratch / case.name.replace(" ", "-"))
             cases.append(case)
@@ -465,8 +484,9 @@ def report_processes(results: dict[str, process.ProcessResult], steps: int) -> N
         ])
     bench.print_table(["case", f"wall s ({steps} steps)", "import", "load", "text", "1st-step set-up", "s/step", "decode",
                        "fixed", f"s at {PROJECTED_STEPS} steps", "vs diffusers", "peak MiB", "vs diffusers"], rows)
-    print(f"\nseconds; 'fixed' = the whole process minus its steps' median time ({steps} steps measured): start-up, "
-          f"import, load, text, first-step set-up, decode, PNG; 's at {PROJECTED_STEPS} steps' = fixed + {PROJECTED_STEPS} x s/step; "
+    print(f"\nseconds; 'fixed' = the whole process minus its steps' median time ({steps} denoising steps measured): start-up, "
+          f"import, load, text (img2img: and the init image's encoding), first-step set-up, decode, PNG; 's at "
+          f"{PROJECTED_STEPS} steps' = fixed + {PROJECTED_STEPS} x s/step (img2img: {PROJECTED_STEPS} denoising steps too); "
           "'vs diffusers' = ours / diffusers' for the same precision, mode and size (lower is better); peak = the "
           "process's peak RSS")
     pictures = {name: process.pixels(result) for name, result in results.items() if "img2img" not in name}
