@@ -32,7 +32,7 @@ MODEL_KEYS = {
     "latent-diffusion": ("unet", "schedule", "text_encoder", "autoencoder", "resolution"),
 }
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
-_verified_cache: dict[str, "VerifiedHashes"] = {}  # the one VerifiedHashes of this process
+_verified_hashes: Optional["VerifiedHashes"] = None  # this process's, for the cache folder it was read from
 
 
 @dataclass
@@ -119,11 +119,12 @@ class VerifiedHashes:
 
 
 def verified_hashes() -> VerifiedHashes:
+    global _verified_hashes
     root = os.environ.get("LDM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm"
     file = Path(root).expanduser() / "verified-sha256.json"
-    if _verified_cache.get("file") is None or _verified_cache["file"].file != file:
-        _verified_cache["file"] = VerifiedHashes(file)
-    return _verified_cache["file"]
+    if _verified_hashes is None or _verified_hashes.file != file:
+        _verified_hashes = VerifiedHashes(file)
+    return _verified_hashes
 
 
 def build_from_weights(build: Callable[[], ModuleT], weights: dict[str, torch.Tensor], what: str) -> ModuleT:
