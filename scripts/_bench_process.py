@@ -26,6 +26,10 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:  # torch is imported inside the child's phases, where its import time is measured
+    import torch
 
 PHASES = ("import", "load", "text", "first step", "decode", "save")
 
@@ -102,8 +106,8 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: the best there is
 
 
-def _ours(case: ProcessCase, mark) -> "object":
-    import torch  # noqa: F401
+def _ours(case: ProcessCase, mark) -> "torch.Tensor":
+    import torch
 
     from ldm_cli.diffusion.load import load_latent_diffusion
     from ldm_cli.sampling.pipeline import ImageJob, InitLatent, SamplingPipeline, SamplingSettings, weight_dtypes
@@ -138,7 +142,7 @@ def save_png(images, path: Path) -> None:
     Image.fromarray(to_uint8(images)[0].numpy()).save(path)
 
 
-def _diffusers(case: ProcessCase, mark) -> "object":
+def _diffusers(case: ProcessCase, mark) -> "torch.Tensor":
     import torch
 
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
