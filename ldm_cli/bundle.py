@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -192,9 +193,12 @@ MAX_HEADER_BYTES = 100 * 2**20
 def read_safetensors(path: Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; floating-point ones cast to `dtype` when given.
 
-    The file is read, one tensor at a time, into memory the tensors own rather than memory-mapped: a
-    mapped file's pages count in the process's resident memory for as long as any tensor of it lives,
-    so a model whose weights are then cast or packed would hold its file beside them."""
+    Each tensor kept as stored (CPU, same dtype) is a copy-on-write memory map of its own bytes, so
+    loading reads nothing until a weight is used, and a weight that is then cast or packed into a new
+    tensor drops its mapping, and with it its pages from resident memory, as soon as it is replaced
+    (one map for the whole file would keep every page it ever touched resident beside the copies).
+    Writing to a tensor copies only the pages written; the file itself is never changed. A cast or
+    another device is one copy straight out of the map."""
     path = Path(path)
     if not path.is_file():
         raise BundleError(f"weights file {path} is missing")
@@ -214,17 +218,23 @@ def read_safetensors(path: Path, device: str | torch.device = "cpu", dtype: Opti
                 count = math.prod(shape)
                 if not 0 <= begin <= end <= size - data_start or end - begin != count * kind.itemsize:
                     raise ValueError(f"tensor {key} lies outside the file or does not fit its shape")
-                raw = torch.empty(end - begin, dtype=torch.uint8)
-                handle.seek(data_start + begin)
-                if handle.readinto(memoryview(raw.numpy())) != end - begin:
-                    raise ValueError(f"the file ends inside tensor {key}")
-                tensor = raw.view(kind).reshape(shape)
+                tensor = _map_bytes(handle, data_start + begin, end - begin).view(kind).reshape(shape)
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 tensors[key] = tensor.to(device)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise BundleError(f"weights file {path} is corrupt or truncated ({error})") from error
     return tensors
+
+
+def _map_bytes(handle: Any, offset: int, length: int) -> torch.Tensor:
+    """`length` bytes of an open file from `offset`, as a uint8 tensor over a private (copy-on-write)
+    map of just those pages; the map closes when the last tensor viewing it is freed."""
+    if length == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY  # maps begin on a page boundary
+    mapped = mmap.mmap(handle.fileno(), offset + length - start, access=mmap.ACCESS_COPY, offset=start)
+    return torch.frombuffer(mapped, dtype=torch.uint8, offset=offset - start, count=length)
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

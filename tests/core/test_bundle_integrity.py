@@ -177,3 +177,51 @@ def test_weights_read_equal_safetensors_own_reader(tmp_path):
         assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
     cast = read_safetensors(tmp_path / "w.safetensors", dtype=torch.bfloat16)
     assert cast["f32"].dtype == torch.bfloat16 and cast["i64"].dtype == torch.int64 and cast["bool"].dtype == torch.bool
+
+
+def mappings_of(path) -> int:
+    """How many of this process's memory maps show `path` (Linux)."""
+    return sum(str(path) in line for line in open("/proc/self/maps"))
+
+
+needs_proc_maps = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+
+
+def test_read_weights_keep_their_values_when_the_file_is_replaced_deleted_or_they_are_written(tmp_path):
+    from safetensors.torch import save_file
+
+    from ldm_cli.bundle import read_safetensors
+
+    path = tmp_path / "w.safetensors"
+    original = {"a": torch.randn(1000, 300), "b": torch.randn(7)}  # "a" spans many pages, "b" shares one with it
+    save_file(original, path)
+    weights = read_safetensors(path)
+    save_file({key: torch.zeros_like(value) for key, value in original.items()}, tmp_path / "new.safetensors")
+    os.replace(tmp_path / "new.safetensors", path)
+    assert all(torch.equal(weights[key], value) for key, value in original.items())
+    path.unlink()
+    assert all(torch.equal(weights[key], value) for key, value in original.items())
+    save_file(original, path)
+    weights = read_safetensors(path)
+    weights["a"].add_(1)  # copy-on-write: the file, and a second read of it, keep the stored values
+    assert torch.equal(weights["a"], original["a"] + 1)
+    assert all(torch.equal(read_safetensors(path)[key], value) for key, value in original.items())
+
+
+@needs_proc_maps
+def test_weights_release_their_file_once_freed_or_cast(tmp_path):
+    from safetensors.torch import save_file
+
+    from ldm_cli.bundle import read_safetensors
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.randn(1000, 300), "b": torch.randn(2000, 300)}, path)
+    weights = read_safetensors(path)
+    before = mappings_of(path)
+    assert before >= 2  # one map per tensor: each is released on its own
+    weights["a"] = weights["a"].clone()  # a packed or converted copy replacing the stored weight
+    assert 1 <= mappings_of(path) < before
+    del weights
+    assert mappings_of(path) == 0
+    cast = read_safetensors(path, dtype=torch.bfloat16)  # cast straight out of the map, which is then closed
+    assert cast["a"].dtype == torch.bfloat16 and mappings_of(path) == 0
