@@ -19,7 +19,8 @@ forward's achieved GFLOP/s against a plain 2048^3 matmul measured in the same ru
 start to PNG (`_bench_process.py`): txt2img at the preset's size in each precision, and in float32 a
 non-square txt2img and an img2img; each case's fixed costs are broken out, its steps timed, and its
 peak RSS taken, beside diffusers' StableDiffusionPipeline loaded with from_pretrained from the same
-weights saved by diffusers.
+weights saved by diffusers; each side's step is also given as GFLOP/s and as a share of the host's fp32
+matmul, the ceiling its layers could reach.
 """
 
 from __future__ import annotations
