@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm_cli.autoencoder.model import tiled_decode
-from ldm_cli.backends.cpu import optimize_for_cpu, optimize_for_cpu_inference, packable, prepack_available
+from ldm_cli.backends.cpu import optimize_for_cpu, optimize_for_cpu_inference, packable, prepack_available, trim_heap
 from ldm_cli.backends.guided import GuidedUNet
 from ldm_cli.diffusion.load import LatentDiffusion
 from ldm_cli.errors import UsageError
@@ -282,6 +282,8 @@ class SamplingPipeline:
         """Diffusion-space latents → images [B, 3, H, W] in [-1, 1], float32 on the CPU."""
         autoencoder = self.model.autoencoder
         z = autoencoder.from_diffusion_space(latents.float()).to(self.autoencoder_dtype)
+        if self.device.type == "cpu":
+            trim_heap()  # the steps' freed activations leave resident memory before the decoder's peak
         if max(z.shape[-2:]) * self.factor > self.tile_decode_above:
             pixels = tiled_decode(autoencoder.model, z, tile_latent=self.tile_latent_size, overlap=self.tile_latent_size // 4)
         else:
