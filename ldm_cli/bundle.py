@@ -16,6 +16,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
@@ -193,12 +194,11 @@ MAX_HEADER_BYTES = 100 * 2**20
 def read_safetensors(path: Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; floating-point ones cast to `dtype` when given.
 
-    Each tensor kept as stored (CPU, same dtype) is a copy-on-write memory map of its own bytes, so
-    loading reads nothing until a weight is used, and a weight that is then cast or packed into a new
-    tensor drops its mapping, and with it its pages from resident memory, as soon as it is replaced
-    (one map for the whole file would keep every page it ever touched resident beside the copies).
-    Writing to a tensor copies only the pages written; the file itself is never changed. A cast or
-    another device is one copy straight out of the map."""
+    The file is memory-mapped copy-on-write, so loading reads nothing until a weight is used, and
+    writing to a tensor copies only the pages written (the file never changes). A tensor kept as stored
+    (CPU, same dtype) views the map; a cast or another device is one copy straight out of it. When a
+    tensor is freed (e.g. replaced by its packed or converted copy), the pages that only it covers leave
+    resident memory at once, and the map closes with the file's last tensor."""
     path = Path(path)
     if not path.is_file():
         raise BundleError(f"weights file {path} is missing")
@@ -211,6 +211,7 @@ def read_safetensors(path: Path, device: str | torch.device = "cpu", dtype: Opti
                 raise ValueError(f"a header of {header_bytes} bytes in a file of {size}")
             header = json.loads(handle.read(header_bytes))
             data_start = 8 + header_bytes
+            ranges = []
             for key, entry in header.items():
                 if key == "__metadata__":
                     continue
@@ -218,23 +219,39 @@ def read_safetensors(path: Path, device: str | torch.device = "cpu", dtype: Opti
                 count = math.prod(shape)
                 if not 0 <= begin <= end <= size - data_start or end - begin != count * kind.itemsize:
                     raise ValueError(f"tensor {key} lies outside the file or does not fit its shape")
-                tensor = _map_bytes(handle, data_start + begin, end - begin).view(kind).reshape(shape)
+                ranges.append((begin, end, key, kind, shape))
+            ranges.sort(key=lambda entry: entry[:2])
+            if any(end > next_begin for (_, end, *_), (next_begin, *_) in zip(ranges, ranges[1:])):
+                raise ValueError("two tensors share bytes")  # freeing one would drop the other's written pages
+            view = _MappedFile(handle, size) if ranges and ranges[-1][1] > ranges[0][0] else None
+            for begin, end, key, kind, shape in ranges:
+                raw = view.tensor(data_start + begin, end - begin) if begin < end else torch.empty(0, dtype=torch.uint8)
+                tensor = raw.view(kind).reshape(shape)
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 tensors[key] = tensor.to(device)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise BundleError(f"weights file {path} is corrupt or truncated ({error})") from error
-    return tensors
+    return {key: tensors[key] for key in header if key in tensors}  # the file's order
 
 
-def _map_bytes(handle: Any, offset: int, length: int) -> torch.Tensor:
-    """`length` bytes of an open file from `offset`, as a uint8 tensor over a private (copy-on-write)
-    map of just those pages; the map closes when the last tensor viewing it is freed."""
-    if length == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY  # maps begin on a page boundary
-    mapped = mmap.mmap(handle.fileno(), offset + length - start, access=mmap.ACCESS_COPY, offset=start)
-    return torch.frombuffer(mapped, dtype=torch.uint8, offset=offset - start, count=length)
+class _MappedFile:
+    """A private (copy-on-write) map of a whole file handing out tensors over byte ranges of it. When a
+    range's last tensor is freed, the pages lying wholly inside it are dropped from resident memory
+    (madvise DONTNEED: a later read would find the file's bytes again)."""
+
+    def __init__(self, handle: Any, size: int) -> None:
+        self.map = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY)
+        self.view = memoryview(self.map)
+
+    def tensor(self, offset: int, length: int) -> torch.Tensor:
+        piece = self.view[offset : offset + length]
+        first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE  # pages wholly inside the range: no neighbour shares them
+        last = (offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first and hasattr(self.map, "madvise"):
+            release = weakref.finalize(piece, self.map.madvise, mmap.MADV_DONTNEED, first, last - first)
+            release.atexit = False
+        return torch.frombuffer(piece, dtype=torch.uint8)
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
