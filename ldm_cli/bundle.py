@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
@@ -192,9 +194,11 @@ MAX_HEADER_BYTES = 100 * 2**20
 def read_safetensors(path: Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; floating-point ones cast to `dtype` when given.
 
-    The file is read, one tensor at a time, into memory the tensors own rather than memory-mapped: a
-    mapped file's pages count in the process's resident memory for as long as any tensor of it lives,
-    so a model whose weights are then cast or packed would hold its file beside them."""
+    The file is memory-mapped copy-on-write, so loading reads nothing until a weight is used, and
+    writing to a tensor copies only the pages written (the file never changes). A tensor kept as stored
+    (CPU, same dtype) views the map; a cast or another device is one copy straight out of it. When a
+    tensor is freed (e.g. replaced by its packed or converted copy), the pages that only it covers leave
+    resident memory at once, and the map closes with the file's last tensor."""
     path = Path(path)
     if not path.is_file():
         raise BundleError(f"weights file {path} is missing")
@@ -207,6 +211,7 @@ def read_safetensors(path: Path, device: str | torch.device = "cpu", dtype: Opti
                 raise ValueError(f"a header of {header_bytes} bytes in a file of {size}")
             header = json.loads(handle.read(header_bytes))
             data_start = 8 + header_bytes
+            ranges = []
             for key, entry in header.items():
                 if key == "__metadata__":
                     continue
@@ -214,17 +219,39 @@ def read_safetensors(path: Path, device: str | torch.device = "cpu", dtype: Opti
                 count = math.prod(shape)
                 if not 0 <= begin <= end <= size - data_start or end - begin != count * kind.itemsize:
                     raise ValueError(f"tensor {key} lies outside the file or does not fit its shape")
-                raw = torch.empty(end - begin, dtype=torch.uint8)
-                handle.seek(data_start + begin)
-                if handle.readinto(memoryview(raw.numpy())) != end - begin:
-                    raise ValueError(f"the file ends inside tensor {key}")
+                ranges.append((begin, end, key, kind, shape))
+            ranges.sort(key=lambda entry: entry[:2])
+            if any(end > next_begin for (_, end, *_), (next_begin, *_) in zip(ranges, ranges[1:])):
+                raise ValueError("two tensors share bytes")  # freeing one would drop the other's written pages
+            view = _MappedFile(handle, size) if ranges and ranges[-1][1] > ranges[0][0] else None
+            for begin, end, key, kind, shape in ranges:
+                raw = view.tensor(data_start + begin, end - begin) if begin < end else torch.empty(0, dtype=torch.uint8)
                 tensor = raw.view(kind).reshape(shape)
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 tensors[key] = tensor.to(device)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise BundleError(f"weights file {path} is corrupt or truncated ({error})") from error
-    return tensors
+    return {key: tensors[key] for key in header if key in tensors}  # the file's order
+
+
+class _MappedFile:
+    """A private (copy-on-write) map of a whole file handing out tensors over byte ranges of it. When a
+    range's last tensor is freed, the pages lying wholly inside it are dropped from resident memory
+    (madvise DONTNEED: a later read would find the file's bytes again)."""
+
+    def __init__(self, handle: Any, size: int) -> None:
+        self.map = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY)
+        self.view = memoryview(self.map)
+
+    def tensor(self, offset: int, length: int) -> torch.Tensor:
+        piece = self.view[offset : offset + length]
+        first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE  # pages wholly inside the range: no neighbour shares them
+        last = (offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first and hasattr(self.map, "madvise"):
+            release = weakref.finalize(piece, self.map.madvise, mmap.MADV_DONTNEED, first, last - first)
+            release.atexit = False
+        return torch.frombuffer(piece, dtype=torch.uint8)
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -19,7 +19,8 @@ forward's achieved GFLOP/s against a plain 2048^3 matmul measured in the same ru
 start to PNG (`_bench_process.py`): txt2img at the preset's size in each precision, and in float32 a
 non-square txt2img and an img2img; each case's fixed costs are broken out, its steps timed, and its
 peak RSS taken, beside diffusers' StableDiffusionPipeline loaded with from_pretrained from the same
-weights saved by diffusers.
+weights saved by diffusers; each side's step is also given as GFLOP/s and as a share of the host's fp32
+matmul, the ceiling its layers could reach.
 """
 
 from __future__ import annotations
@@ -40,14 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bench  # noqa: E402
 import _bench_process as process  # noqa: E402
 
-from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL  # noqa: E402
+from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL, downsampling_factor  # noqa: E402
 from ldm_cli.bundle import load_bundle, write_bundle  # noqa: E402
 from ldm_cli.config import from_dict, to_dict  # noqa: E402
 from ldm_cli.diffusion.load import LatentDiffusion, load_latent_diffusion, write_latent_diffusion_bundle  # noqa: E402
 from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig  # noqa: E402
 from ldm_cli.diffusion.text import TextEncoder, TextEncoderConfig, load_text_encoder, save_text_encoder  # noqa: E402
-from ldm_cli.backends.cpu import FusedSelfAttention, optimize_for_cpu_inference  # noqa: E402
-from ldm_cli.backends.guided import CachedTimeProjection  # noqa: E402
+from ldm_cli.backends.cpu import FusedSelfAttention, optimize_for_cpu, optimize_for_cpu_inference  # noqa: E402
+from ldm_cli.backends.guided import CachedTimeProjection, GuidedUNet  # noqa: E402
 from ldm_cli.diffusion.transformer import TransformerBlock  # noqa: E402
 from ldm_cli.diffusion.unet import UNet  # noqa: E402
 from ldm_cli.diffusion.unet_config import UNetConfig  # noqa: E402
@@ -306,6 +307,49 @@ def unet_forwards(
     return calls, flops
 
 
+def step_flops(ours: Path, theirs: Path, height: int, width: int) -> dict[str, int]:
+    """FLOPs of one guided denoising step at `height` x `width` for each side, counted by FlopCounterMode on
+    the meta device (shapes only: no weights, no memory): ours as packed sampling runs it (the layers before
+    the first cross-attention once for both texts, fused q/k/v, text keys/values and time projections
+    cached per run), diffusers' U-Net on the batch of [uncond, cond]."""
+    from diffusers import UNet2DConditionModel
+
+    meta = load_bundle(ours, kind="latent-diffusion").meta
+    autoencoder = from_dict(load_bundle(ours / meta["autoencoder"]["path"]).meta["autoencoder"], AutoencoderConfig)
+    factor = downsampling_factor(autoencoder)
+    latent = (height // factor, width // factor)
+    with torch.device("meta"):
+        unet = UNet(from_dict(meta["unet"], UNetConfig)).eval()
+        optimize_for_cpu(unet)
+        guided = GuidedUNet(unet)
+        for block in unet.modules():
+            if isinstance(block, TransformerBlock):
+                block.attn1 = FusedSelfAttention(block.attn1)  # what packed sampling runs
+        theirs_unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(theirs / "unet")).eval()
+        channels, width_text = unet.config.in_channels, unet.config.cross_attention_dim
+        x, t = torch.zeros(1, channels, *latent), torch.full((1,), 500.0)
+        text = torch.zeros(2, 77, width_text)
+    with torch.inference_mode():
+        guided.begin_run(text, t, [1.0], torch.float32)
+        flops = {"ours": bench.count_flops(lambda: guided(x, t, 1.0)),
+                 "diffusers": bench.count_flops(lambda: theirs_unet(torch.cat([x] * 2), torch.cat([t] * 2), encoder_hidden_states=text))}
+    return flops
+
+
+def matmul_peak(threads: int | None, repeats: int = 5) -> float:
+    """The host's fp32 GFLOP/s on one large matmul (the best of `repeats`): the ceiling a step's layers can reach."""
+    if threads:
+        torch.set_num_threads(threads)
+    call, flops = bench.matmul_call(torch.device("cpu"), torch.float32, size=4096)
+    call()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return flops / best / 1e9
+
+
 # -------------------------------------------------------------------------------------------- main
 
 
@@ -458,6 +502,8 @@ def run_processes(args: argparse.Namespace, preset: Preset, chosen: list[str]) -
               f"{preset.text_layers}x{preset.text_width} (random weights); "
               f"DDIM {args.sampling_steps} steps, guidance {args.guidance_scale}; each case a fresh process, "
               f"{repeats} run(s) each (the fastest kept), cases alternating ours / diffusers\n", flush=True)
+        flops = {(case.height, case.width): step_flops(ours, theirs, case.height, case.width) for case in cases}
+        peak = matmul_peak(args.threads)
         results: dict[str, process.ProcessResult] = {}
         for round_ in range(repeats):
             for case in cases:
@@ -467,13 +513,16 @@ def run_processes(args: argparse.Namespace, preset: Preset, chosen: list[str]) -
                     raise SystemExit(f"{case.name} failed: {result.error}")
                 if case.name not in results or result.wall < results[case.name].wall:
                     results[case.name] = result
-        report_processes(results, args.sampling_steps)
+        peak = max(peak, matmul_peak(args.threads))  # the better of before and after the cases: load varies
+        report_processes(results, args.sampling_steps, flops, peak)
 
 
-def report_processes(results: dict[str, process.ProcessResult], steps: int) -> None:
+def report_processes(results: dict[str, process.ProcessResult], steps: int, flops: dict[tuple[int, int], dict[str, int]],
+                     matmul_gflops: float) -> None:
     rows = []
     for name, result in results.items():
         phases = result.phases
+        step_gflop = flops[result.case.height, result.case.width][result.case.side] / 1e9
         peer = results.get(name.replace("ours", "diffusers", 1)) if name.startswith("ours") else None
         projected = result.at_steps(PROJECTED_STEPS)
         rows.append([
@@ -481,14 +530,18 @@ def report_processes(results: dict[str, process.ProcessResult], steps: int) -> N
             f"{result.first_step_setup:.1f}", f"{phases['steps']:.2f}", f"{phases['decode']:.1f}", f"{result.fixed():.1f}",
             f"{projected:.0f}", bench.ratio(projected, peer.at_steps(PROJECTED_STEPS)) if peer else "",
             bench.mib(result.peak_rss), bench.ratio(result.peak_rss, peer.peak_rss) if peer else "",
+            f"{step_gflop:.1f}", f"{step_gflop / phases['steps']:.0f}", f"{100 * step_gflop / phases['steps'] / matmul_gflops:.0f}%",
         ])
     bench.print_table(["case", f"wall s ({steps} steps)", "import", "load", "text", "1st-step set-up", "s/step", "decode",
-                       "fixed", f"s at {PROJECTED_STEPS} steps", "vs diffusers", "peak MiB", "vs diffusers"], rows)
+                       "fixed", f"s at {PROJECTED_STEPS} steps", "vs diffusers", "peak MiB", "vs diffusers",
+                       "GFLOP/step", "GFLOP/s", "of matmul"], rows)
     print(f"\nseconds; 'fixed' = the whole process minus its steps' median time ({steps} denoising steps measured): start-up, "
           f"import, load, text (img2img: and the init image's encoding), first-step set-up, decode, PNG; 's at "
           f"{PROJECTED_STEPS} steps' = fixed + {PROJECTED_STEPS} x s/step (img2img: {PROJECTED_STEPS} denoising steps too); "
           "'vs diffusers' = ours / diffusers' for the same precision, mode and size (lower is better); peak = the "
-          "process's peak RSS")
+          "process's peak RSS; GFLOP/step = one guided step's FLOPs (FlopCounterMode; ours runs the layers before the "
+          "first cross-attention once for both texts), GFLOP/s = that / s/step, 'of matmul' = that / the host's "
+          f"fp32 4096^3 matmul in this run ({matmul_gflops:.0f} GFLOP/s): how near each step is to the machine's ceiling")
     pictures = {name: process.pixels(result) for name, result in results.items() if "img2img" not in name}
     for a, b in (("ours fp32", "diffusers fp32"), ("ours bf16", "ours fp32"), ("diffusers bf16", "diffusers fp32")):
         for name in [n for n in pictures if n.startswith(a + " txt2img")]:

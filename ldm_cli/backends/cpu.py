@@ -17,6 +17,7 @@ The model is inference-only afterwards: the packed weights are opaque oneDNN ten
 
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
 import torch
@@ -103,6 +104,16 @@ def optimize_for_cpu(model: nn.Module) -> nn.Module:
     """Swap in the CPU optimisations that keep parameters and keys (usable in training); returns `model`."""
     replace_modules(model, _training_swap)
     return model
+
+
+def trim_heap() -> None:
+    """Hand the heap's freed pages back to the kernel (glibc's malloc_trim; elsewhere nothing): glibc keeps
+    the freed mid-size blocks of earlier ops in its arenas, where a later phase's large, separately mapped
+    buffers would otherwise stack on top of them in resident memory."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # ----------------------------------------------------------------------------------------- inference

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm_cli.autoencoder.model import tiled_decode
-from ldm_cli.backends.cpu import optimize_for_cpu, optimize_for_cpu_inference
+from ldm_cli.backends.cpu import optimize_for_cpu, optimize_for_cpu_inference, packable, prepack_available, trim_heap
 from ldm_cli.backends.guided import GuidedUNet
 from ldm_cli.diffusion.load import LatentDiffusion
 from ldm_cli.errors import UsageError
@@ -154,7 +154,10 @@ class SamplingPipeline:
                 raise ValueError("this U-Net was prepared for sampling by another pipeline; load the model again")
         else:
             unet.to(device=self.device, dtype=self.unet_dtype)
-            if self.channels_last:
+            if prepack is None:  # eager on the CPU: weights packed once for oneDNN (compile=true packs them itself)
+                prepack = self.device.type == "cpu" and not compile
+            packs = prepack and prepack_available() and packable(next(unet.parameters()))
+            if self.channels_last and not packs:  # packing reads either layout: no copy for it to replace
                 unet.to(memory_format=torch.channels_last)
             if self.device.type == "cpu":
                 optimize_for_cpu(unet)
@@ -162,8 +165,6 @@ class SamplingPipeline:
                 self._compiled_unet = compile_for_inference(unet)
             else:
                 self.guided = unet.guided = GuidedUNet(unet)
-            if prepack is None:  # eager on the CPU: weights packed once for oneDNN (compile=true packs them itself)
-                prepack = self.device.type == "cpu" and not compile
             if prepack:
                 optimize_for_cpu_inference(unet)
         self.denoiser = Denoiser(self._unet, model.schedule)
@@ -281,6 +282,8 @@ class SamplingPipeline:
         """Diffusion-space latents → images [B, 3, H, W] in [-1, 1], float32 on the CPU."""
         autoencoder = self.model.autoencoder
         z = autoencoder.from_diffusion_space(latents.float()).to(self.autoencoder_dtype)
+        if self.device.type == "cpu":
+            trim_heap()  # the steps' freed activations leave resident memory before the decoder's peak
         if max(z.shape[-2:]) * self.factor > self.tile_decode_above:
             pixels = tiled_decode(autoencoder.model, z, tile_latent=self.tile_latent_size, overlap=self.tile_latent_size // 4)
         else:

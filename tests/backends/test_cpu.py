@@ -4,12 +4,14 @@ the training variant, its gradients and state dict) across presets, dtypes and l
 from __future__ import annotations
 
 import copy
+import os
+import platform
 
 import pytest
 import torch
 from torch import nn
 
-from ldm_cli.backends.cpu import NchwBf16GroupNorm, optimize_for_cpu, optimize_for_cpu_inference, packable
+from ldm_cli.backends.cpu import NchwBf16GroupNorm, optimize_for_cpu, optimize_for_cpu_inference, packable, trim_heap
 from tests.backends.cases import CASE_NAMES, unet_and_inputs
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 4e-2}
@@ -103,3 +105,21 @@ def test_nchw_group_norm_equals_group_norm_forward_and_backward_in_the_same_layo
     assert out.is_contiguous(memory_format=torch.channels_last) and grad.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out.float(), expected.float(), atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(grad.float(), expected_grad.float(), atol=5e-2, rtol=5e-2)
+
+
+def resident_mib() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    raise OSError("no VmRSS")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status") or platform.libc_ver()[0] != "glibc", reason="glibc on Linux")
+def test_trim_heap_returns_freed_heap_blocks_to_the_kernel():
+    blocks = [torch.ones(16 * 1024) for _ in range(3000)]  # 64 KiB each: heap blocks, under glibc's mmap threshold
+    pin = torch.ones(16 * 1024)  # a live block above them: glibc cannot shrink the heap from its top
+    del blocks
+    before = resident_mib()
+    trim_heap()
+    assert resident_mib() < before - 100  # 187 MiB were freed
+    assert pin.sum() == 16 * 1024

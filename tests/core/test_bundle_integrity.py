@@ -177,3 +177,74 @@ def test_weights_read_equal_safetensors_own_reader(tmp_path):
         assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
     cast = read_safetensors(tmp_path / "w.safetensors", dtype=torch.bfloat16)
     assert cast["f32"].dtype == torch.bfloat16 and cast["i64"].dtype == torch.int64 and cast["bool"].dtype == torch.bool
+
+
+def resident_kib_of(path) -> tuple[int, int]:
+    """(maps, resident KiB) of this process's memory maps of `path` (Linux's /proc/self/smaps)."""
+    maps = kib = 0
+    inside = False
+    for line in open("/proc/self/smaps"):
+        if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+            inside = line.rstrip().endswith(str(path))
+            maps += inside
+        elif inside and line.startswith("Rss:"):
+            kib += int(line.split()[1])
+    return maps, kib
+
+
+needs_smaps = pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads /proc/self/smaps (Linux)")
+
+
+def test_read_weights_keep_their_values_when_the_file_is_replaced_deleted_or_they_are_written(tmp_path):
+    from safetensors.torch import save_file
+
+    from ldm_cli.bundle import read_safetensors
+
+    path = tmp_path / "w.safetensors"
+    original = {"a": torch.randn(1000, 300), "b": torch.randn(7)}  # "a" spans many pages, "b" shares one with it
+    save_file(original, path)
+    weights = read_safetensors(path)
+    save_file({key: torch.zeros_like(value) for key, value in original.items()}, tmp_path / "new.safetensors")
+    os.replace(tmp_path / "new.safetensors", path)
+    assert all(torch.equal(weights[key], value) for key, value in original.items())
+    path.unlink()
+    assert all(torch.equal(weights[key], value) for key, value in original.items())
+    save_file(original, path)
+    weights = read_safetensors(path)
+    weights["a"].add_(1)  # copy-on-write: the file, and a second read of it, keep the stored values
+    assert torch.equal(weights["a"], original["a"] + 1)
+    assert all(torch.equal(read_safetensors(path)[key], value) for key, value in original.items())
+    del weights["b"]  # its pages go; the written ones of "a" stay
+    assert torch.equal(weights["a"], original["a"] + 1)
+
+
+@needs_smaps
+def test_a_freed_weight_leaves_resident_memory_and_the_last_one_closes_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from ldm_cli.bundle import read_safetensors
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.randn(1000, 1000), "b": torch.randn(1000, 1000)}, path)  # 3.8 MiB each
+    weights = read_safetensors(path)
+    assert resident_kib_of(path)[1] < 100  # nothing read yet
+    total = sum(float(value.sum()) for value in weights.values())
+    maps, touched = resident_kib_of(path)
+    assert maps >= 1 and touched > 7000
+    weights["a"] = weights["a"].clone()  # a packed or converted copy replacing the stored weight
+    assert resident_kib_of(path)[1] < touched - 3800
+    assert sum(float(value.sum()) for value in weights.values()) == pytest.approx(total, rel=1e-5)
+    del weights
+    assert resident_kib_of(path) == (0, 0)
+    cast = read_safetensors(path, dtype=torch.bfloat16)  # cast straight out of the map, which is then closed
+    assert cast["a"].dtype == torch.bfloat16 and resident_kib_of(path) == (0, 0)
+
+
+def test_tensors_sharing_bytes_are_refused(tmp_path):
+    from ldm_cli.bundle import read_safetensors
+
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                         "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}).encode()
+    (tmp_path / "w.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(12))
+    with pytest.raises(BundleError, match="corrupt or truncated .two tensors share bytes"):
+        read_safetensors(tmp_path / "w.safetensors")

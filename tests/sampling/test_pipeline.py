@@ -281,10 +281,15 @@ def test_bf16_precision_samples_close_to_fp32(model, pipe):
 def test_channels_last_gives_the_same_images(model):
     jobs, settings = [ImageJob("a red circle", 4), ImageJob("", 5)], SamplingSettings(steps=4, sampler="euler", **SIZE)
     nchw = SamplingPipeline(load_latent_diffusion(model.bundle.path), "cpu", "fp32", channels_last=False)
-    nhwc = SamplingPipeline(load_latent_diffusion(model.bundle.path), "cpu", "fp32")  # the default in eager mode
+    nhwc = SamplingPipeline(load_latent_diffusion(model.bundle.path), "cpu", "fp32", prepack=False)
     assert nhwc.channels_last and nhwc.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert not nchw.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(nhwc(jobs, settings), nchw(jobs, settings), atol=1e-4, rtol=0)
+    reference = nchw(jobs, settings)
+    torch.testing.assert_close(nhwc(jobs, settings), reference, atol=1e-4, rtol=0)
+    # the default in eager mode: channels_last inputs, weights packed from their stored layout
+    packed = SamplingPipeline(load_latent_diffusion(model.bundle.path), "cpu", "fp32")
+    assert packed.channels_last
+    torch.testing.assert_close(packed(jobs, settings), reference, atol=1e-4, rtol=0)
     # compile=true on the CPU leaves the layout to the compiler
     assert not SamplingPipeline(load_latent_diffusion(model.bundle.path), "cpu", "fp32", compile=True).channels_last
 
