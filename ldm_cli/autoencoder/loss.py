@@ -1,7 +1,7 @@
 """The LDM autoencoder objective: L1 + LPIPS under a learned variance, a tiny KL, and a PatchGAN.
 
 Generator (autoencoder) step, per sample summed over pixels and averaged over the batch:
-    rec   = |x - x̂| + gradient_weight * (|∂x - ∂x̂| along rows and columns) + perceptual_weight * LPIPS(x, x̂)
+    rec   = |x - x̂| + perceptual_weight * LPIPS(x, x̂)
     nll   = rec / exp(logvar) + logvar                    (logvar: one learned scalar)
     total = nll + kl_weight * KL(q(z|x) || N(0, I)) + λ * disc_factor * (-mean D(x̂))
     λ     = disc_weight * ||∇_last nll|| / (||∇_last g_loss|| + 1e-4)   (adaptive, detached)
@@ -26,9 +26,6 @@ from ldm_cli.errors import ConfigError
 @dataclass
 class AutoencoderLossConfig:
     perceptual_weight: float = 1.0
-    # L1 between the images' finite differences (Mathieu et al. 2016's gradient difference loss): keeps edges
-    # and corners sharp where plain L1 rounds them, a stand-in for LPIPS when its VGG weights are unavailable
-    gradient_weight: float = 0.0
     kl_weight: float = 1e-6
     disc_weight: float = 0.5
     disc_start: int = 50001
@@ -43,14 +40,6 @@ class AutoencoderLossConfig:
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
-
-
-def gradient_difference(inputs: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
-    """Per-pixel |∂x - ∂x̂| summed over both axes, zero-padded at the far edge to the images' shape."""
-    error = inputs - reconstructions
-    along_rows = F.pad((error[..., :, 1:] - error[..., :, :-1]).abs(), (0, 1))
-    along_columns = F.pad((error[..., 1:, :] - error[..., :-1, :]).abs(), (0, 0, 0, 1))
-    return along_rows + along_columns
 
 
 def _grad(term: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
@@ -107,8 +96,6 @@ class AutoencoderLoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = inputs.shape[0]
         rec_loss = (inputs - reconstructions).abs().float()
-        if self.config.gradient_weight > 0:
-            rec_loss = rec_loss + self.config.gradient_weight * gradient_difference(inputs, reconstructions).float()
         if self.lpips is not None:
             perceptual = self.lpips(inputs, reconstructions)  # [B]
             # LDM adds the per-image distance to every pixel's L1 term
