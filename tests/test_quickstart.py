@@ -55,3 +55,35 @@ def test_reconstruction_adherence_scores_the_autoencoders_round_trip(tmp_path):
     report = reconstruction_adherence(model, 8, 32)
     assert report["prompts"] == 8 and report["colour_and_shape"]["n"] == 8
     assert report["colour_and_shape"]["rate"] < 0.5
+
+
+def test_quickstart_end_to_end_with_the_decoder_fine_tuned_beside_the_unet(tmp_path, monkeypatch):
+    """Every stage at toy sizes: the shipped model carries the fine-tuned decoder, and a re-run resumes."""
+    from ldm_cli import quickstart
+    from ldm_cli.autoencoder.load import bundle_latent_space
+    from ldm_cli.bundle import load_bundle
+
+    for key, value in {"images": 48, "adherence_prompts": 4, "held_out_prompts": 2, "reconstructions": 4,
+                       "sample_steps": 2, "decoder_steps": 2}.items():
+        monkeypatch.setitem(quickstart.PRESET, key, value)
+    monkeypatch.setattr(quickstart, "GRID_PROMPTS", quickstart.GRID_PROMPTS[:2])
+    tiny = ["train.batch_size=4", "train.eval_batches=1", "train.log_with=[none]"]
+    out = tmp_path / "qs"
+    summary = quickstart.run_quickstart(out, "cpu", extra_vae=["train.max_steps=2", *tiny],
+                                        extra_diffusion=["train.max_steps=2", "train.warmup_steps=1", *tiny])
+
+    shipped = load_bundle(out / "diffusion" / "bundle")
+    carried = load_bundle(shipped.path / "autoencoder", kind="autoencoder")
+    tuned, first = load_bundle(out / "vae-decoder" / "bundle"), load_bundle(out / "vae" / "bundle")
+    assert tuned.meta["trained_steps"] == 2 and (out / "vae-decoder.log").is_file()
+    assert carried.content_hash == tuned.content_hash == shipped.meta["autoencoder"]["content_hash"] != first.content_hash
+    assert bundle_latent_space(tuned) == bundle_latent_space(first)
+    assert summary["vae"]["psnr"] == tuned.meta["holdout_metrics"]["psnr"]
+    assert summary["vae_before_decoder_fine_tune"]["psnr"] == first.meta["holdout_metrics"]["psnr"]
+    assert summary["adherence"]["random"]["prompts"] == 4
+    assert json.loads((out / "summary.json").read_text())["vae"]["reconstruction_adherence"]["prompts"] == 4
+
+    again = quickstart.run_quickstart(out, "cpu", extra_vae=["train.max_steps=2", *tiny],
+                                      extra_diffusion=["train.max_steps=2", "train.warmup_steps=1", *tiny])
+    assert load_bundle(out / "diffusion" / "bundle").content_hash == shipped.content_hash  # nothing retrained
+    assert again["vae"]["psnr"] == summary["vae"]["psnr"]

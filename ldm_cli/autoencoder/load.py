@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,36 @@ class LoadedAutoencoder:
 
     def from_diffusion_space(self, latents: torch.Tensor) -> torch.Tensor:
         return latents / self.latent_scale + self.latent_shift
+
+
+# the parameters that map images to latents; the decoder's only read them
+LATENT_SPACE_PREFIXES = ("encoder.", "quant_conv.")
+
+
+def latent_space_hash(weights: dict[str, torch.Tensor], latent_scale: float, latent_shift: float) -> str:
+    """Identifies an autoencoder's latent space: its encoder's weights and the latent scale and shift.
+    A decoder-only fine-tune keeps it, so latents encoded before decode with the new decoder too."""
+    digest = hashlib.sha256(json.dumps([float(latent_scale), float(latent_shift)]).encode())
+    for key in sorted(name for name in weights if name.startswith(LATENT_SPACE_PREFIXES)):
+        tensor = weights[key].detach().contiguous().cpu()
+        digest.update(f"{key} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def bundle_latent_space(bundle: Bundle) -> str:
+    """An autoencoder bundle's latent-space hash: stored when it was written, else computed."""
+    meta = bundle.meta
+    return meta.get("latent_space_hash") or latent_space_hash(
+        bundle.tensors("autoencoder"), meta["latent_scale"], meta.get("latent_shift", 0.0))
+
+
+def shares_latent_space(recorded: dict, bundle: Bundle) -> bool:
+    """Whether latents made with the autoencoder `recorded` (its content_hash and latent_space_hash)
+    decode with `bundle`: the same autoencoder, or one with the same encoder and scale."""
+    if recorded.get("content_hash") == bundle.content_hash:
+        return True
+    return bool(recorded.get("latent_space_hash")) and recorded["latent_space_hash"] == bundle_latent_space(bundle)
 
 
 def build_autoencoder(meta: dict, weights: dict[str, torch.Tensor]) -> AutoencoderKL:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
-from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder
+from ldm_cli.autoencoder.load import LoadedAutoencoder, latent_space_hash, load_autoencoder
 from ldm_cli.autoencoder.loss import AutoencoderLoss
 from ldm_cli.autoencoder.lpips import load_lpips
 from ldm_cli.autoencoder.model import AutoencoderKL, DiagonalGaussian
@@ -279,14 +279,17 @@ def _write_bundle(trainer: AutoencoderTrainer, train_set: ImageFolderDataset, co
     # a frozen encoder keeps the base's latent space, scale included
     keep_scale = base is not None and config.loss.decoder_only
     latent_scale = base.latent_scale if keep_scale else estimate_latent_scale(final_model, train_set, device)
+    latent_shift = base.latent_shift if keep_scale else 0.0
+    weights = final_model.state_dict()
     bundle = write_bundle(
         out / "bundle",
         "autoencoder",
-        {"autoencoder": final_model.state_dict()},
+        {"autoencoder": weights},
         {
             "autoencoder": to_dict(config.autoencoder),
             "latent_scale": latent_scale,
-            "latent_shift": base.latent_shift if keep_scale else 0.0,
+            "latent_shift": latent_shift,
+            "latent_space_hash": latent_space_hash(weights, latent_scale, latent_shift),
             "resolution": config.data.resolution,
             "holdout_metrics": metrics,
             "trained_steps": config.train.max_steps,

@@ -75,6 +75,7 @@ def train_diffusion(
     latents: Path = typer.Option(..., "--latents", help="Latent dataset from `ldm encode`."),
     out: Path = typer.Option(Path("runs/diffusion"), "--out", help="Run directory (re-running into it resumes)."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from a latent-diffusion bundle's U-Net (fine-tuning)."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="Autoencoder the model carries (default: the latents'); it must share their encoder, e.g. a decoder-only fine-tune."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out with its saved config."),
     device: str = DEVICE,
     offline: bool = OFFLINE,
@@ -88,7 +89,7 @@ def train_diffusion(
     from ldm_cli.weights import config_sources
 
     announce(config_sources(config))
-    bundle = train_unet(config, latents, out, list(overrides or []), resume=resume, device_name=device, init_from=init_from)
+    bundle = train_unet(config, latents, out, list(overrides or []), resume=resume, device_name=device, init_from=init_from, vae=vae)
     if is_main():
         typer.echo(f"latent-diffusion bundle: {bundle}")
 

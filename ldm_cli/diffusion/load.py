@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 
 from ldm_cli.adapters.merge import Applied, merge_loras
-from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder
+from ldm_cli.autoencoder.load import LoadedAutoencoder, bundle_latent_space, load_autoencoder, shares_latent_space
 from ldm_cli.bundle import Bundle, build_from_weights, load_bundle, require_model_keys, write_bundle
 from ldm_cli.config import from_dict, to_dict
 from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ldm_cli.diffusion.text import TextEncoder, TextEncoderConfig, load_text_encoder, save_text_encoder
 from ldm_cli.diffusion.unet import UNet
 from ldm_cli.diffusion.unet_config import UNetConfig
-from ldm_cli.errors import BundleError
+from ldm_cli.errors import BundleError, IncompatibleError
 
 BUNDLED_TEXT_ENCODER = "text_encoder"
 
@@ -135,3 +135,24 @@ def write_latent_diffusion_bundle(
         }
         return write_bundle(directory, "latent-diffusion", {"unet": unet_weights}, meta, folders=folders)
 
+
+
+def replace_autoencoder(directory: Path, autoencoder: Bundle) -> Bundle:
+    """Rewrite the latent-diffusion bundle in `directory` with `autoencoder` in place of its own. It must
+    share the latent space (as a decoder-only fine-tune does): the U-Net's latents then decode with it."""
+    bundle = load_bundle(directory, kind="latent-diffusion")
+    current = load_bundle(bundle.path / bundle.meta["autoencoder"]["path"], kind="autoencoder")
+    if autoencoder.kind != "autoencoder":
+        raise IncompatibleError(f"{autoencoder.path} is a {autoencoder.kind} bundle, not an autoencoder")
+    if not shares_latent_space({"content_hash": current.content_hash, "latent_space_hash": bundle_latent_space(current)}, autoencoder):
+        raise IncompatibleError(
+            f"autoencoder {autoencoder.path} has another encoder or latent scale than {bundle.path}'s own; "
+            "only a decoder-only fine-tune of it (loss.decoder_only=true) decodes its latents"
+        )
+    files = bundle.meta["files"]
+    folders = {name: bundle.path / files[name] for name in files if (bundle.path / files[name]).is_dir()}
+    folders["autoencoder"] = autoencoder.path
+    weights = {name: bundle.tensors(name) for name in files if name not in folders}
+    meta = {key: value for key, value in bundle.meta.items() if key not in ("kind", "ldm_version", "files", "hashes", "content_hash")}
+    meta["autoencoder"] = {"path": "autoencoder", "content_hash": autoencoder.content_hash}
+    return write_bundle(bundle.path, "latent-diffusion", weights, meta, folders=folders)

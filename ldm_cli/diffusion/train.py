@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder
+from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder, shares_latent_space
 from ldm_cli.backends.cpu import optimize_for_cpu
 from ldm_cli.config import TrainDiffusionConfig, from_dict, to_dict
 from ldm_cli.data.buckets import BucketBatches
@@ -314,8 +314,9 @@ def check_text_cache(data: LatentDataset, latents: Path, objective: Any) -> None
 
 
 def check_base_autoencoder(data: LatentDataset, latents: Path, base: Any, base_path: Path) -> None:
-    """A base model (fine-tuning, LoRA) must use the autoencoder the latents were encoded with."""
-    if base.autoencoder.bundle.content_hash != data.autoencoder_hash:
+    """A base model (fine-tuning, LoRA) must decode the latents: the autoencoder they were encoded with,
+    or a decoder-only fine-tune of it."""
+    if not shares_latent_space(data.index["autoencoder"], base.autoencoder.bundle):
         raise IncompatibleError(
             f"latents in {latents} were encoded with autoencoder {data.autoencoder_hash[:12]}, but {base_path} uses "
             f"{base.autoencoder.bundle.content_hash[:12]}; encode with `ldm encode --vae {base_path}`"
@@ -330,11 +331,13 @@ def train_unet(
     resume: bool = False,
     device_name: str = "auto",
     init_from: Path | None = None,
+    vae: Path | None = None,
 ) -> Path:
-    """Train (or resume) a U-Net run in `out` on a latent dataset; returns the bundle path."""
+    """Train (or resume) a U-Net run in `out` on a latent dataset; returns the bundle path. The bundle
+    carries `vae` (default: the autoencoder the latents were encoded with), which must share their latent space."""
     device = resolve_device(device_name)
     with distributed(device, config.train.dist_timeout_minutes) as dist, deterministic_kernels(config.train.deterministic):
-        return _train_unet(config, latents, Path(out), overrides, resume, device_for(device, dist), dist, init_from)
+        return _train_unet(config, latents, Path(out), overrides, resume, device_for(device, dist), dist, init_from, vae)
 
 
 def _train_unet(
@@ -346,6 +349,7 @@ def _train_unet(
     device: torch.device,
     dist: DistInfo,
     init_from: Path | None,
+    vae: Path | None,
 ) -> Path:
     init_weights = None
     data = LatentDataset(latents)
@@ -355,11 +359,14 @@ def _train_unet(
         config.unet, config.text_encoder = base.unet.config, text_encoder_config(base.bundle)
         config.schedule = from_dict(base.bundle.meta["schedule"], ScheduleConfig)
         init_weights = base.unet.state_dict()
-    autoencoder = load_autoencoder(data.autoencoder_path, device=device)
-    if autoencoder.bundle.content_hash != data.autoencoder_hash:
+    autoencoder = load_autoencoder(vae if vae is not None else data.autoencoder_path, device=device)
+    if not shares_latent_space(data.index["autoencoder"], autoencoder.bundle):
+        found = f"--vae {vae} is" if vae is not None else f"{data.autoencoder_path} now holds"
+        remedy = ("pass that autoencoder or a decoder-only fine-tune of it (loss.decoder_only=true)" if vae is not None
+                  else "re-encode with `ldm encode`")
         raise IncompatibleError(
-            f"latents in {latents} were encoded with autoencoder {data.autoencoder_hash[:12]}, but {data.autoencoder_path} "
-            f"now holds {autoencoder.bundle.content_hash[:12]}; re-encode with `ldm encode`"
+            f"latents in {latents} were encoded with autoencoder {data.autoencoder_hash[:12]}, but {found} "
+            f"{autoencoder.bundle.content_hash[:12]}, with another encoder or latent scale; {remedy}"
         )
     saved = saved_config(out, TrainDiffusionConfig) if resume else None
     if saved is not None and not any(o.split("=", 1)[0].lstrip("+~") == "text_encoder" for o in overrides):

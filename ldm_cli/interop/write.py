@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ldm_cli.autoencoder.load import latent_space_hash
 from ldm_cli.bundle import Bundle, write_bundle
 from ldm_cli.config import to_dict
 from ldm_cli.diffusion.load import BUNDLED_TEXT_ENCODER, write_latent_diffusion_bundle
@@ -17,6 +18,7 @@ def write_autoencoder(autoencoder: ImportedAutoencoder, directory: Path, source:
         "autoencoder": to_dict(autoencoder.config),
         "latent_scale": autoencoder.latent_scale,
         "latent_shift": autoencoder.latent_shift,
+        "latent_space_hash": latent_space_hash(autoencoder.weights, autoencoder.latent_scale, autoencoder.latent_shift),
         "resolution": autoencoder.resolution,
         "source": source,
     }

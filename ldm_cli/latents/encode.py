@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder
+from ldm_cli.autoencoder.load import LoadedAutoencoder, bundle_latent_space, load_autoencoder
 from ldm_cli.config import EncodeConfig, to_dict
 from ldm_cli.data.buckets import Size, cover_crop, histogram
 from ldm_cli.data.images import DataConfig, ImageFolderDataset, load_image_rgb, pil_to_tensor, resolve_data_root
@@ -171,7 +171,11 @@ def _encode_dataset(
     num_shards = len(plan)
     header = {
         "format": FORMAT,
-        "autoencoder": {"content_hash": autoencoder.bundle.content_hash, "path": str(autoencoder.bundle.path.resolve())},
+        "autoencoder": {
+            "content_hash": autoencoder.bundle.content_hash,
+            "latent_space_hash": bundle_latent_space(autoencoder.bundle),
+            "path": str(autoencoder.bundle.path.resolve()),
+        },
         "latent_scale": autoencoder.latent_scale,
         "latent_shift": autoencoder.latent_shift,
         "resolution": resolution,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ldm_cli.autoencoder.load import load_autoencoder
+from ldm_cli.autoencoder.load import bundle_latent_space, load_autoencoder
 from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL
 from ldm_cli.bundle import write_bundle
 from ldm_cli.cli import app
@@ -84,7 +84,8 @@ def test_encode_stores_posterior_moments_captions_and_index(vae, data, tmp_path)
 
     assert index == json.loads((out / "index.json").read_text())
     assert index["format"] == "ldm-latents/1" and index["complete"] is True
-    assert index["autoencoder"] == {"content_hash": load_autoencoder(vae).bundle.content_hash, "path": str(vae.resolve())}
+    used = load_autoencoder(vae).bundle
+    assert index["autoencoder"] == {"content_hash": used.content_hash, "latent_space_hash": bundle_latent_space(used), "path": str(vae.resolve())}
     assert (index["latent_scale"], index["latent_shift"], index["resolution"]) == (0.5, 0.0, SIZE)
     assert index["latent_shape"] == [4, SIZE // 2, SIZE // 2]
     assert index["count"] == N_IMAGES and index["flip"] is False and index["text"] is None
