@@ -51,8 +51,8 @@ PRESET = {
     "adherence_prompts": 256,  # random prompts: a rate near 90% is then known to about ±4 points
     "held_out_prompts": 128,  # prompts asking only for the held-out pairs, at every size, position, background
     "reconstructions": 256,  # fresh shapes images the autoencoder round-trips: the adherence it lets through
-    # decoder-only steps trained beside the U-Net (the encoder, so the latents, stay fixed): sharper small
-    # shapes, on one low-priority thread that costs the U-Net's training a few minutes on two cores
+    # decoder-only steps trained beside the U-Net (the encoder, so the latents, stay fixed) on one of the
+    # U-Net's threads: sharper small shapes
     "decoder_steps": 2000,
 }
 
@@ -161,17 +161,17 @@ def reconstruction_adherence(vae: Path, count: int, size: int, seed: int = 3) ->
 
 
 def start_decoder_fine_tune(out: Path, vae_overrides: list[str], device_name: str) -> subprocess.Popen | None:
-    """`ldm train-vae --init-from VAE loss.decoder_only=true` in a one-thread, low-priority process
-    (its output goes to RUN.log); None when its bundle already exists."""
+    """`ldm train-vae --init-from VAE loss.decoder_only=true` in a one-thread process (its output goes to
+    RUN.log); None when its bundle already exists."""
     if (out / "bundle").is_dir():
         return None
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "ldm_cli", "train-vae", "--out", str(out), "--init-from", str(out.parent / "vae"),
                "--device", device_name, *vae_overrides, "loss.decoder_only=true", f"train.max_steps={PRESET['decoder_steps']}"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    lower_priority = (lambda: os.nice(19)) if hasattr(os, "nice") else None
     with open(out.with_suffix(".log"), "ab") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, preexec_fn=lower_priority)
+        # its own session: Ctrl-C reaches the quickstart only, which then stops it once, checkpoint saved
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
 
 
 def finish_decoder_fine_tune(process: subprocess.Popen | None, out: Path) -> None:
@@ -208,6 +208,8 @@ def _done(started: float, timings: dict[str, float], name: str) -> None:
 
 
 def run_quickstart(out: Path, device_name: str = "auto", extra_vae: list[str] = (), extra_diffusion: list[str] = ()) -> dict:
+    import torch
+
     from ldm_cli.autoencoder.train import train_autoencoder
     from ldm_cli.diffusion.load import replace_autoencoder
     from ldm_cli.diffusion.train import train_unet
@@ -245,15 +247,20 @@ def run_quickstart(out: Path, device_name: str = "auto", extra_vae: list[str] = 
     started = _stage(4, f"ldm train-diffusion (tiny U-Net, MiniLM text encoder); beside it, {PRESET['decoder_steps']} more decoder steps")
     decoder_run = out / "vae-decoder"
     decoder = start_decoder_fine_tune(decoder_run, vae_overrides, device_name)
+    threads = torch.get_num_threads()
     try:
+        if decoder is not None:  # one thread each beats two threads that a third one keeps waiting
+            torch.set_num_threads(max(1, threads - 1))
         diffusion_overrides = [*PRESET["diffusion"], *extra_diffusion]
         if not (out / "diffusion" / "bundle").is_dir():
             config = load_config("train_diffusion", diffusion_overrides)
             train_unet(config, out / "latents", out / "diffusion", diffusion_overrides, device_name=device_name)
         finish_decoder_fine_tune(decoder, decoder_run)
     finally:
+        torch.set_num_threads(threads)
         if decoder is not None and decoder.poll() is None:
-            decoder.terminate()  # an interrupted quickstart resumes the fine-tune from its checkpoint
+            decoder.terminate()  # it saves a checkpoint at its next step; a re-run resumes from there
+            decoder.wait(timeout=120)
     tuned = load_bundle(decoder_run / "bundle", kind="autoencoder")
     if load_bundle(out / "diffusion" / "bundle").meta["autoencoder"]["content_hash"] != tuned.content_hash:
         replace_autoencoder(out / "diffusion" / "bundle", tuned)

@@ -19,10 +19,11 @@ def convert_command(
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Hub id or folder: the tokenizer for a single file's CLIP weights, or the text encoder when the source has none."),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Image side the model was trained at (default: the source's, else 512)."),
     merge_lora: Optional[list[str]] = typer.Option(None, "--merge-lora", help="Bake a LoRA (FILE or FILE:SCALE) into the weights; repeat for several."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="Replace the model's autoencoder with this one (ldm bundle, VAE file or folder); it must share the encoder, as decoder-only fine-tunes such as sd-vae-ft-mse do."),
     offline: bool = OFFLINE,
 ) -> None:
     """Import Stable Diffusion checkpoints as ldm bundles, or export a bundle to diffusers / one SD file."""
     from ldm_cli.interop.convert import ImportOptions, convert_model
 
     options = ImportOptions(prediction_type=prediction_type, use_ema=ema, text_encoder=text_encoder, resolution=resolution)
-    convert_model(source, out, to=to, options=options, log=typer.echo, merge_lora=list(merge_lora or []))
+    convert_model(source, out, to=to, options=options, log=typer.echo, merge_lora=list(merge_lora or []), vae=vae)

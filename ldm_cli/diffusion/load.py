@@ -137,9 +137,10 @@ def write_latent_diffusion_bundle(
 
 
 
-def replace_autoencoder(directory: Path, autoencoder: Bundle) -> Bundle:
-    """Rewrite the latent-diffusion bundle in `directory` with `autoencoder` in place of its own. It must
-    share the latent space (as a decoder-only fine-tune does): the U-Net's latents then decode with it."""
+def replace_autoencoder(directory: Path, autoencoder: Bundle, out: Path | None = None) -> Bundle:
+    """The latent-diffusion bundle in `directory`, rewritten (into `out`, default in place) with `autoencoder`
+    in place of its own. It must share the latent space (as a decoder-only fine-tune does): the U-Net's
+    latents then decode with it."""
     bundle = load_bundle(directory, kind="latent-diffusion")
     current = load_bundle(bundle.path / bundle.meta["autoencoder"]["path"], kind="autoencoder")
     if autoencoder.kind != "autoencoder":
@@ -155,4 +156,4 @@ def replace_autoencoder(directory: Path, autoencoder: Bundle) -> Bundle:
     weights = {name: bundle.tensors(name) for name in files if name not in folders}
     meta = {key: value for key, value in bundle.meta.items() if key not in ("kind", "ldm_version", "files", "hashes", "content_hash")}
     meta["autoencoder"] = {"path": "autoencoder", "content_hash": autoencoder.content_hash}
-    return write_bundle(bundle.path, "latent-diffusion", weights, meta, folders=folders)
+    return write_bundle(out or bundle.path, "latent-diffusion", weights, meta, folders=folders)

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ldm_cli.bundle import BUNDLE_JSON, Bundle
+from ldm_cli.bundle import BUNDLE_JSON, Bundle, load_bundle
 from ldm_cli.errors import RunDirError, UsageError
 from ldm_cli.interop.describe import describe, describe_autoencoder
 from ldm_cli.interop.export import export_diffusers, export_single_file
@@ -54,10 +54,12 @@ def quiet_progress_bars() -> Iterator[None]:
 def convert_model(
     source: str | Path, out: str | Path, to: str = "ldm", options: ImportOptions | None = None, log: Log = print,
     merge_lora: list[str] | None = None,
+    vae: str | Path | None = None,
 ) -> Path:
     """`ldm convert`: import into a bundle (to="ldm"), or export a bundle (to="diffusers" /
     "sd-single-file"). A foreign source exported directly is imported into a temporary bundle first.
-    `merge_lora` (FILE[:SCALE] each) bakes LoRAs into the weights on the way."""
+    On the way, `merge_lora` (FILE[:SCALE] each) bakes LoRAs into the weights and `vae` replaces the
+    model's autoencoder with one sharing its latent space (a decoder-only fine-tune, e.g. sd-vae-ft-mse)."""
     if to not in TARGETS:
         raise UsageError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
     source, out = Path(source).expanduser(), Path(out).expanduser()
@@ -65,8 +67,8 @@ def convert_model(
         raise UsageError(f"--from {source} does not exist")
     _refuse_existing(out)
     is_bundle = (source / BUNDLE_JSON).is_file() or (source / "bundle" / BUNDLE_JSON).is_file()
-    if merge_lora:
-        return _merge_and_convert(source, out, to, is_bundle, options, log, merge_lora)
+    if merge_lora or vae:
+        return _rewrite_and_convert(source, out, to, is_bundle, options, log, list(merge_lora or []), vae)
     if to == "ldm":
         if is_bundle:
             raise already_a_bundle(source)
@@ -86,23 +88,45 @@ def convert_model(
             return export(bundle.path, out, log)
 
 
-def _merge_and_convert(
-    source: Path, out: Path, to: str, is_bundle: bool, options: ImportOptions | None, log: Log, loras: list[str]
+def _rewrite_and_convert(
+    source: Path, out: Path, to: str, is_bundle: bool, options: ImportOptions | None, log: Log, loras: list[str],
+    vae: str | Path | None,
 ) -> Path:
     from ldm_cli.adapters.bake import bake_loras
     from ldm_cli.adapters.files import LoraSpec
+    from ldm_cli.diffusion.load import replace_autoencoder
 
     specs = [LoraSpec.parse(text) for text in loras]
-    with tempfile.TemporaryDirectory(prefix="ldm-convert-") as scratch:
-        bundle_path = source if is_bundle else import_checkpoint(source, Path(scratch) / "imported", options, log).path
-        merged = bake_loras(bundle_path, specs, out if to == "ldm" else Path(scratch) / "merged")
-        log(f"merged {len(specs)} LoRA(s): {', '.join(str(spec) for spec in specs)}")
+    with tempfile.TemporaryDirectory(prefix="ldm-convert-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        autoencoder = _autoencoder_bundle(Path(vae).expanduser(), scratch / "vae", options, log) if vae else None
+        bundle_path = source if is_bundle else import_checkpoint(source, scratch / "imported", options, log).path
+        final = out if to == "ldm" else scratch / "rewritten"
+        if specs:
+            bundle_path = bake_loras(bundle_path, specs, scratch / "merged" if autoencoder else final).path
+            log(f"merged {len(specs)} LoRA(s): {', '.join(str(spec) for spec in specs)}")
+        if autoencoder is not None:
+            bundle_path = replace_autoencoder(bundle_path, autoencoder, final).path
+            log(f"replaced the autoencoder with {vae}")
         if to == "ldm":
-            log(f"wrote {merged.kind} bundle {merged.path}")
-            return merged.path
+            log(f"wrote latent-diffusion bundle {bundle_path}")
+            return bundle_path
         export = export_diffusers if to == "diffusers" else export_single_file
         with quiet_progress_bars():
-            return export(merged.path, out, log)
+            return export(bundle_path, out, log)
+
+
+def _autoencoder_bundle(vae: Path, scratch: Path, options: ImportOptions | None, log: Log) -> Bundle:
+    """--vae: an ldm autoencoder (or a model's), else a VAE file or folder imported into `scratch`."""
+    if not vae.exists():
+        raise UsageError(f"--vae {vae} does not exist")
+    if (vae / BUNDLE_JSON).is_file() or (vae / "bundle" / BUNDLE_JSON).is_file():
+        bundle = load_bundle(vae)
+        return load_bundle(bundle.path / bundle.meta["autoencoder"]["path"]) if bundle.kind == "latent-diffusion" else bundle
+    bundle = import_checkpoint(vae, scratch, options, log)
+    if bundle.kind != "autoencoder":
+        raise UsageError(f"--vae {vae} is a whole model, not a VAE; pass its VAE, or convert it and pass the bundle")
+    return bundle
 
 
 def import_checkpoint(

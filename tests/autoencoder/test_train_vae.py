@@ -125,6 +125,7 @@ def test_init_from_with_decoder_only_keeps_the_encoder_and_its_latent_space(shap
     assert frozen and all(torch.equal(before[key], after[key]) for key in frozen)
     assert any(not torch.equal(before[key], after[key]) for key in before if key.startswith("decoder."))
     assert load_bundle(tuned).meta["latent_scale"] == load_bundle(base).meta["latent_scale"]
+    assert load_bundle(tuned).meta["latent_space_hash"] == load_bundle(base).meta["latent_space_hash"]
 
 
 def test_init_from_starts_at_the_base_weights(shapes_dir, tmp_path):

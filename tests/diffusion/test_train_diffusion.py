@@ -53,10 +53,23 @@ def latents(shapes_dir, tmp_path_factory) -> Path:
     return root / "latents"
 
 
-def run(latents, out, steps, extra=(), resume=False, init_from=None):
+def run(latents, out, steps, extra=(), resume=False, init_from=None, vae=None):
     overrides = [*TINY_UNET_OVERRIDES, *TRAIN, f"train.max_steps={steps}", *extra]
     config = load_config("train_diffusion", overrides)
-    return train_unet(config, latents, out, overrides if not resume else [f"train.max_steps={steps}"], resume=resume, device_name="cpu", init_from=init_from)
+    return train_unet(config, latents, out, overrides if not resume else [f"train.max_steps={steps}"], resume=resume,
+                      device_name="cpu", init_from=init_from, vae=vae)
+
+
+def test_vae_option_carries_a_decoder_fine_tune_and_refuses_another_encoder(latents, tmp_path):
+    from tests.sampling.helpers import write_autoencoder_variant
+
+    tuned = write_autoencoder_variant(latents.parent / "vae", tmp_path / "tuned", "decoder")
+    bundle = load_bundle(run(latents, tmp_path / "run", 1, vae=tuned))
+    assert load_bundle(bundle.path / "autoencoder").content_hash == load_bundle(tuned).content_hash
+    other = write_autoencoder_variant(latents.parent / "vae", tmp_path / "other", "encoder")
+    with pytest.raises(IncompatibleError, match=r"but --vae .* with another encoder or latent scale; pass that autoencoder or a decoder-only"):
+        run(latents, tmp_path / "refused", 1, vae=other)
+    assert not (tmp_path / "refused").exists()
 
 
 def unet_weights(run_dir):

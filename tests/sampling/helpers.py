@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL
-from ldm_cli.bundle import write_bundle
+from ldm_cli.bundle import load_bundle, write_bundle
 from ldm_cli.config import to_dict
 from ldm_cli.diffusion.load import write_latent_diffusion_bundle
 from ldm_cli.diffusion.schedule import ScheduleConfig
@@ -86,3 +86,15 @@ def pixels(path: Path) -> np.ndarray:
     """An image file's RGB pixels."""
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def write_autoencoder_variant(source: str | Path, directory: str | Path, change: str) -> Path:
+    """A copy of an autoencoder bundle with its decoder's or its encoder's weights changed: a stand-in
+    for a decoder-only fine-tune ("decoder") or an unrelated autoencoder ("encoder")."""
+    bundle = load_bundle(source, kind="autoencoder")
+    weights = {name: value.clone() for name, value in bundle.tensors("autoencoder").items()}
+    for name in weights:
+        if name.startswith(f"{change}."):
+            weights[name] += 0.05 * torch.randn(weights[name].shape, generator=torch.Generator().manual_seed(len(name)))
+    meta = {key: value for key, value in bundle.meta.items() if key in ("autoencoder", "latent_scale", "latent_shift", "resolution")}
+    return write_bundle(directory, "autoencoder", {"autoencoder": weights}, meta).path
