@@ -53,7 +53,7 @@ PRESET = {
     "reconstructions": 256,  # fresh shapes images the autoencoder round-trips: the adherence it lets through
     # decoder-only steps trained beside the U-Net (the encoder, so the latents, stay fixed) on one of the
     # U-Net's threads: sharper small shapes
-    "decoder_steps": 2000,
+    "decoder_steps": 3000,
 }
 
 
