@@ -34,9 +34,6 @@ from ldm_cli.diffusion.transformer import (
 # aten's NHWC GroupNorm is slow in bf16 below these sizes (4-15x slower than NCHW, forward and backward)
 SLOW_NHWC_NORM_MAX_PIXELS = 1023
 SLOW_NHWC_NORM_MAX_GROUP_CHANNELS = 15
-# fp32 layers fed fewer rows (a step's time-embedding projections) stay on MKL's matrix-vector product,
-# which is faster there than oneDNN's packed kernel; in bf16 the packed one wins at any row count
-MIN_LINEAR_ROWS = 8
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
@@ -172,10 +169,7 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(self.weight.dtype)
         if not self.weight.is_mkldnn:
-            rows = x.numel() // x.shape[-1]
-            if rows < MIN_LINEAR_ROWS and x.dtype == torch.float32:
-                return F.linear(x, self.weight, self.bias)
-            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), rows)
+            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), x.numel() // x.shape[-1])
             self.weight = nn.Parameter(packed, requires_grad=False)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
@@ -201,7 +195,9 @@ def _pack_swap(module: nn.Module) -> Optional[nn.Module]:
     if not isinstance(module, (nn.Linear, nn.Conv2d)) or not packable(module.weight):
         return None
     if type(module) in (nn.Linear, TokenConv1x1):
-        return PackedLinear(module)
+        # fp32 matmuls stay on MKL's GEMM, faster than oneDNN's packed kernel at the U-Net's shapes
+        # (scripts/bench_packing.py); bf16 and fp16 ones gain from packing
+        return PackedLinear(module) if module.weight.dtype != torch.float32 else None
     if type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
         return PackedConv2d(module)
     return None

@@ -76,10 +76,9 @@ def test_packed_weights_are_kept_once_and_converting_afterwards_fails_loudly():
     with torch.inference_mode():
         unet(*inputs)
     transformer = unet.down_blocks[0].attentions[0]
-    assert unet.conv_in.weight.is_mkldnn and transformer.transformer_blocks[0].ff.net[2].weight.is_mkldnn
-    # SD1's 1x1-convolution projections run on the tokens, as packed matmuls
-    assert transformer.proj_in.weight.is_mkldnn and transformer.proj_in.weight.dim() == 2
-    # one-row fp32 projections (a step's time embedding) stay on MKL's faster matrix-vector product
+    assert unet.conv_in.weight.is_mkldnn and unet.down_blocks[0].resnets[0].conv1.weight.is_mkldnn
+    # fp32 matmuls stay on MKL's faster GEMM
+    assert not transformer.transformer_blocks[0].ff.net[2].weight.is_mkldnn and not transformer.proj_in.weight.is_mkldnn
     assert not unet.down_blocks[0].resnets[0].time_emb_proj.weight.is_mkldnn
     with pytest.raises((RuntimeError, NotImplementedError)):
         unet.to(torch.bfloat16)
