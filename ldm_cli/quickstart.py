@@ -260,7 +260,10 @@ def run_quickstart(out: Path, device_name: str = "auto", extra_vae: list[str] = 
         torch.set_num_threads(threads)
         if decoder is not None and decoder.poll() is None:
             decoder.terminate()  # it saves a checkpoint at its next step; a re-run resumes from there
-            decoder.wait(timeout=120)
+            try:
+                decoder.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                decoder.kill()
     tuned = load_bundle(decoder_run / "bundle", kind="autoencoder")
     if load_bundle(out / "diffusion" / "bundle").meta["autoencoder"]["content_hash"] != tuned.content_hash:
         replace_autoencoder(out / "diffusion" / "bundle", tuned)
