@@ -33,10 +33,13 @@ def test_latent_space_hash_follows_the_encoder_and_scale_not_the_decoder(model, 
 
 def test_replace_autoencoder_carries_the_new_decoder_and_keeps_the_rest(model, tmp_path):
     before = load_bundle(model)
+    unet_before = {key: value.clone() for key, value in before.tensors("unet").items()}
     tuned = write_autoencoder_variant(model / "autoencoder", tmp_path / "tuned", "decoder")
     after = replace_autoencoder(model, load_bundle(tuned))
     assert after.meta["autoencoder"]["content_hash"] == load_bundle(tuned).content_hash
-    assert after.meta["hashes"] == before.meta["hashes"] and after.meta["unet"] == before.meta["unet"]
+    assert after.meta["unet"] == before.meta["unet"] and after.meta["text_encoder"] == before.meta["text_encoder"]
+    unet_after = after.tensors("unet")
+    assert unet_before.keys() == unet_after.keys() and all(torch.equal(unet_before[k], unet_after[k]) for k in unet_before)
     latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     loaded = load_latent_diffusion(model)
     with torch.no_grad():
