@@ -40,8 +40,8 @@ def fastest(call: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def layer_calls(unet: UNet, latent: int, context: int) -> collections.Counter:
-    """(layer, weight shape, input shape) -> calls in one guided step, recorded with forward hooks."""
+def layer_calls(unet: UNet, latent: int, context: int) -> tuple[collections.Counter, dict[tuple, nn.Module]]:
+    """(layer, weight shape, input shape) -> calls in one guided step, and -> the layer; recorded with forward hooks."""
     calls: collections.Counter = collections.Counter()
     layers = {}
 
