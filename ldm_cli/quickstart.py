@@ -160,6 +160,17 @@ def reconstruction_adherence(vae: Path, count: int, size: int, seed: int = 3) ->
     return adherence_report([tensor_to_pil(image) for image in decoded], [caption for _, caption, _ in drawn])
 
 
+def autoencoder_report(run: Path, what: str) -> dict:
+    """Held-out PSNR/SSIM from the run's bundle and its reconstructions scored, printed and returned."""
+    from ldm_cli.eval.adherence import summary_line
+
+    metrics = load_bundle(run / "bundle", kind="autoencoder").meta["holdout_metrics"]
+    typer.echo(f"      {what}: held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}")
+    reconstructed = reconstruction_adherence(run, PRESET["reconstructions"], PRESET["size"])
+    typer.echo(f"      reconstructions of fresh images, scored: {summary_line(reconstructed, 'images')}")
+    return {**metrics, "reconstruction_adherence": reconstructed}
+
+
 def start_decoder_fine_tune(out: Path, vae_overrides: list[str], device_name: str) -> subprocess.Popen | None:
     """`ldm train-vae --init-from VAE loss.decoder_only=true` in a one-thread process (its output goes to
     RUN.log); None when its bundle already exists."""
@@ -213,7 +224,6 @@ def run_quickstart(out: Path, device_name: str = "auto", extra_vae: list[str] = 
     from ldm_cli.autoencoder.train import train_autoencoder
     from ldm_cli.diffusion.load import replace_autoencoder
     from ldm_cli.diffusion.train import train_unet
-    from ldm_cli.eval.adherence import summary_line
     from ldm_cli.latents.encode import encode_dataset
 
     out = Path(out)
@@ -233,10 +243,7 @@ def run_quickstart(out: Path, device_name: str = "auto", extra_vae: list[str] = 
         vae_overrides.append("loss.perceptual_weight=0")
     if not (out / "vae" / "bundle").is_dir():
         train_autoencoder(load_config("train_vae", vae_overrides), out / "vae", vae_overrides, device_name=device_name)
-    vae_meta = json.loads((out / "vae" / "bundle" / "bundle.json").read_text())
-    typer.echo(f"      held-out reconstruction: PSNR {vae_meta['holdout_metrics']['psnr']:.2f} dB, SSIM {vae_meta['holdout_metrics']['ssim']:.3f}")
-    reconstructed = reconstruction_adherence(out / "vae", PRESET["reconstructions"], PRESET["size"])
-    typer.echo(f"      reconstructions of fresh images, scored: {summary_line(reconstructed, 'images')}")
+    first_vae = autoencoder_report(out / "vae", "autoencoder")
     _done(started, timings, "train-vae")
 
     started = _stage(3, "ldm encode (latents + cached MiniLM text embeddings)")
@@ -267,9 +274,7 @@ def run_quickstart(out: Path, device_name: str = "auto", extra_vae: list[str] = 
     tuned = load_bundle(decoder_run / "bundle", kind="autoencoder")
     if load_bundle(out / "diffusion" / "bundle").meta["autoencoder"]["content_hash"] != tuned.content_hash:
         replace_autoencoder(out / "diffusion" / "bundle", tuned)
-    typer.echo(f"      fine-tuned decoder: held-out PSNR {tuned.meta['holdout_metrics']['psnr']:.2f} dB, SSIM {tuned.meta['holdout_metrics']['ssim']:.3f}")
-    tuned_reconstructed = reconstruction_adherence(decoder_run, PRESET["reconstructions"], PRESET["size"])
-    typer.echo(f"      reconstructions of fresh images, scored: {summary_line(tuned_reconstructed, 'images')}")
+    tuned_vae = autoencoder_report(decoder_run, "with the fine-tuned decoder")
     _done(started, timings, "train-diffusion")
 
     model = out / "diffusion"
@@ -288,8 +293,8 @@ def run_quickstart(out: Path, device_name: str = "auto", extra_vae: list[str] = 
     _done(started, timings, "adherence")
 
     summary = {
-        "vae": {**tuned.meta["holdout_metrics"], "reconstruction_adherence": tuned_reconstructed},
-        "vae_before_decoder_fine_tune": {**vae_meta["holdout_metrics"], "reconstruction_adherence": reconstructed},
+        "vae": tuned_vae,
+        "vae_before_decoder_fine_tune": first_vae,
         "adherence": scores,
         "seconds": timings,
         "total_seconds": time.perf_counter() - total_start,
