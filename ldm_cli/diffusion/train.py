@@ -7,6 +7,7 @@ micro-batch) for the whole global batch and sliced per process, so a resumed run
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ldm_cli.atomic import atomic_file
 from ldm_cli.autoencoder.load import LoadedAutoencoder, load_autoencoder, shares_latent_space
 from ldm_cli.backends.cpu import optimize_for_cpu
 from ldm_cli.config import TrainDiffusionConfig, from_dict, to_dict
@@ -39,6 +41,8 @@ from ldm_cli.training.optim import build_lr_schedule, build_optimizer
 from ldm_cli.training.optimizer_state import load_optimizer_state, optimizer_state
 from ldm_cli.training.precision import autocast, deterministic_kernels, grad_scaler, resolve_device, resolve_precision
 from ldm_cli.training.run_dir import claim_run, open_run, saved_config
+
+AUTOENCODER_RECORD = "autoencoder.json"  # in a run started with --vae: that autoencoder's path
 
 
 class TextConditioning:
@@ -359,6 +363,8 @@ def _train_unet(
         config.unet, config.text_encoder = base.unet.config, text_encoder_config(base.bundle)
         config.schedule = from_dict(base.bundle.meta["schedule"], ScheduleConfig)
         init_weights = base.unet.state_dict()
+    if vae is None and resume:
+        vae = recorded_autoencoder(out)
     autoencoder = load_autoencoder(vae if vae is not None else data.autoencoder_path, device=device)
     if not shares_latent_space(data.index["autoencoder"], autoencoder.bundle):
         found = f"--vae {vae} is" if vae is not None else f"{data.autoencoder_path} now holds"
@@ -382,6 +388,8 @@ def _train_unet(
     trainer = DiffusionTrainer(config, data, autoencoder, conditioning, device, dist, init_weights)
     lock = on_main(dist, lambda: claim_run(out, "train-diffusion", config))  # everything is checked: only now is --out written
     try:
+        if vae is not None and dist.is_main:
+            record_autoencoder(out, vae)
         train_loop(trainer, data, config.train, out, dist, collate=collate_latents, description="train-diffusion",
                    batches=batch_order(data, config.train, dist))
         bundle = on_main(dist, lambda: write_latent_diffusion_bundle(
@@ -398,6 +406,18 @@ def _train_unet(
         if lock is not None:
             lock.release()
     return bundle.path if bundle is not None else out / "bundle"
+
+
+def record_autoencoder(out: Path, vae: Path) -> None:
+    """Remember `--vae` in the run, so that `--resume` without it ships the same autoencoder."""
+    with atomic_file(out / AUTOENCODER_RECORD, "w") as handle:
+        json.dump({"path": str(Path(vae).resolve())}, handle)
+
+
+def recorded_autoencoder(out: Path) -> Path | None:
+    """The `--vae` a run in `out` was started with; None when it used its latents' autoencoder."""
+    record = Path(out) / AUTOENCODER_RECORD
+    return Path(json.loads(record.read_text())["path"]) if record.is_file() else None
 
 
 def dataset_prompts(data: LatentDataset, seed: int, count: int = 4, scan: int = 1000) -> list[str]:

@@ -66,6 +66,8 @@ def test_vae_option_carries_a_decoder_fine_tune_and_refuses_another_encoder(late
     tuned = write_autoencoder_variant(latents.parent / "vae", tmp_path / "tuned", "decoder")
     bundle = load_bundle(run(latents, tmp_path / "run", 1, vae=tuned))
     assert load_bundle(bundle.path / "autoencoder").content_hash == load_bundle(tuned).content_hash
+    bundle = load_bundle(run(latents, tmp_path / "run", 2, resume=True))  # --resume without --vae keeps it
+    assert load_bundle(bundle.path / "autoencoder").content_hash == load_bundle(tuned).content_hash
     other = write_autoencoder_variant(latents.parent / "vae", tmp_path / "other", "encoder")
     with pytest.raises(IncompatibleError, match=r"but --vae .* with another encoder or latent scale; pass that autoencoder or a decoder-only"):
         run(latents, tmp_path / "refused", 1, vae=other)
