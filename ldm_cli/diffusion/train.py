@@ -26,7 +26,7 @@ from ldm_cli.diffusion.loss import diffusion_loss
 from ldm_cli.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from ldm_cli.diffusion.text import TextEncoder, load_text_encoder
 from ldm_cli.diffusion.unet import UNet
-from ldm_cli.errors import IncompatibleError
+from ldm_cli.errors import IncompatibleError, RunDirError
 from ldm_cli.grid import labelled_grid, save_image
 from ldm_cli.latents.dataset import LatentDataset, collate_latents
 from ldm_cli.sampling.denoiser import Denoiser, get_sigmas
@@ -363,7 +363,7 @@ def _train_unet(
         config.unet, config.text_encoder = base.unet.config, text_encoder_config(base.bundle)
         config.schedule = from_dict(base.bundle.meta["schedule"], ScheduleConfig)
         init_weights = base.unet.state_dict()
-    if vae is None and resume:
+    if vae is None:  # a resumed run ships the autoencoder it was started with
         vae = recorded_autoencoder(out)
     autoencoder = load_autoencoder(vae if vae is not None else data.autoencoder_path, device=device)
     if not shares_latent_space(data.index["autoencoder"], autoencoder.bundle):
@@ -409,7 +409,7 @@ def _train_unet(
 
 
 def record_autoencoder(out: Path, vae: Path) -> None:
-    """Remember `--vae` in the run, so that `--resume` without it ships the same autoencoder."""
+    """Remember `--vae` in the run, so that resuming without it ships the same autoencoder."""
     with atomic_file(out / AUTOENCODER_RECORD, "w") as handle:
         json.dump({"path": str(Path(vae).resolve())}, handle)
 
@@ -417,7 +417,12 @@ def record_autoencoder(out: Path, vae: Path) -> None:
 def recorded_autoencoder(out: Path) -> Path | None:
     """The `--vae` a run in `out` was started with; None when it used its latents' autoencoder."""
     record = Path(out) / AUTOENCODER_RECORD
-    return Path(json.loads(record.read_text())["path"]) if record.is_file() else None
+    if not record.is_file():
+        return None
+    try:
+        return Path(json.loads(record.read_text())["path"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise RunDirError(f"{record} is damaged ({error!r}); pass --vae with the autoencoder the run should carry") from None
 
 
 def dataset_prompts(data: LatentDataset, seed: int, count: int = 4, scan: int = 1000) -> list[str]:

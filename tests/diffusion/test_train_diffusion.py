@@ -19,7 +19,7 @@ from ldm_cli.bundle import load_bundle, write_bundle
 from ldm_cli.config import load_config, to_dict
 from ldm_cli.diffusion.load import load_latent_diffusion
 from ldm_cli.diffusion.train import train_unet
-from ldm_cli.errors import IncompatibleError
+from ldm_cli.errors import IncompatibleError, RunDirError
 from ldm_cli.latents.encode import encode_dataset
 from tests.conftest import TINY_UNET_OVERRIDES
 
@@ -68,6 +68,9 @@ def test_vae_option_carries_a_decoder_fine_tune_and_refuses_another_encoder(late
     assert load_bundle(bundle.path / "autoencoder").content_hash == load_bundle(tuned).content_hash
     bundle = load_bundle(run(latents, tmp_path / "run", 2, resume=True))  # --resume without --vae keeps it
     assert load_bundle(bundle.path / "autoencoder").content_hash == load_bundle(tuned).content_hash
+    (tmp_path / "run" / "autoencoder.json").write_text("{not json")
+    with pytest.raises(RunDirError, match=r"autoencoder.json is damaged .*; pass --vae"):
+        run(latents, tmp_path / "run", 3, resume=True)
     other = write_autoencoder_variant(latents.parent / "vae", tmp_path / "other", "encoder")
     with pytest.raises(IncompatibleError, match=r"but --vae .* with another encoder or latent scale; pass that autoencoder or a decoder-only"):
         run(latents, tmp_path / "refused", 1, vae=other)
@@ -314,7 +317,6 @@ def test_bf16_weights_are_refused_for_the_autoencoder():
 
 
 def test_resume_repeats_the_runs_own_group_choices_and_refuses_another_architecture(latents, tmp_path):
-    from ldm_cli.errors import RunDirError
 
     run(latents, tmp_path / "run", 2)
     again = [*TINY_UNET_OVERRIDES, *TRAIN, "train.max_steps=3"]  # the original overrides (groups unet, text_encoder, train), longer
