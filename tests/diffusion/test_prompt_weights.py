@@ -118,8 +118,9 @@ def test_a_chunk_with_a_mean_near_zero_is_scaled_without_renormalising(tiny):
 def test_break_starts_a_new_chunk(tiny):
     embedding = tiny.encode_prompt("a cat BREAK a dog")
     assert embedding.shape == (32, 32)
-    torch.testing.assert_close(embedding[:16], tiny.encode(["a cat"])[0], rtol=0, atol=0)
-    torch.testing.assert_close(embedding[16:], tiny.encode(["a dog"])[0], rtol=0, atol=0)
+    # the chunks are encoded as one batch: equal to each alone up to float rounding (batch-dependent sums)
+    torch.testing.assert_close(embedding[:16], tiny.encode(["a cat"])[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(embedding[16:], tiny.encode(["a dog"])[0], rtol=1e-6, atol=1e-6)
 
 
 class _Callable:
