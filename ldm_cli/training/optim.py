@@ -7,19 +7,19 @@
   train without float32 master copies (`train.master_weights=false`).
 - adamw8bit: bitsandbytes' AdamW8bit (block-wise 8-bit moments), where bitsandbytes imports.
 
-Schedules come from `transformers.get_scheduler` (a `LambdaLR`, so its state resumes exactly):
-linear warm-up over `train.warmup_steps`, then constant, cosine, linear or cosine with restarts
-over `train.lr_schedule_steps` (default `train.max_steps`).
+Schedules are transformers' `get_scheduler` curves, written out (that module imports peft and
+bitsandbytes, a second of start-up for every command): a `LambdaLR` (so its state resumes exactly)
+with linear warm-up over `train.warmup_steps`, then constant, cosine, linear or cosine with
+restarts over `train.lr_schedule_steps` (default `train.max_steps`).
 """
 
 from __future__ import annotations
 
+import math
+from functools import partial
 from typing import Any, Iterable
 
-import math
-
 import torch
-from transformers.optimization import Adafactor as _TransformersAdafactor
 
 from ldm_cli.errors import ConfigError
 
@@ -34,89 +34,13 @@ def build_optimizer(parameters: Iterable[torch.Tensor], train: Any, betas: tuple
     if train.optimizer == "adamw":
         return torch.optim.AdamW(parameters, lr=train.lr, betas=betas, weight_decay=train.weight_decay, fused=True)
     if train.optimizer == "adafactor":
+        from ldm_cli.training.adafactor import Adafactor  # transformers' optimisation module imports slowly
+
         return Adafactor(parameters, lr=train.lr, relative_step=False, scale_parameter=False, warmup_init=False,
                          weight_decay=train.weight_decay)
     if train.optimizer == "adamw8bit":
         return _adamw8bit(parameters, train, betas)
     raise ConfigError(f"train.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {train.optimizer!r}")
-
-
-class Adafactor(_TransformersAdafactor):
-    """transformers' Adafactor (same arguments, state and update), except that a bf16 parameter takes
-    its float32 result by stochastic rounding rather than to nearest: rounding up with probability
-    equal to the remainder keeps every update in expectation, where round-to-nearest drops all updates
-    below half a bf16 ulp (most of them, at fine-tuning learning rates). The rounding bits are drawn
-    from (step, parameter index), so a resumed run rounds as an unbroken one does."""
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = closure() if closure is not None else None
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                index += 1
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                updated = self._update(p, p.grad.float(), state, group)
-                if p.dtype == torch.bfloat16:
-                    copy_stochastic_(p, updated, torch.Generator(p.device).manual_seed(int(state["step"]) * 1_000_003 + index))
-                elif updated is not p:
-                    p.copy_(updated)
-        return loss
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's loading, which casts the state to each parameter's dtype, then the float32 state back:
-        bf16 moments would lose the precision that stochastic rounding relies on."""
-        super().load_state_dict(state_dict)
-        parameters = [p for group in self.param_groups for p in group["params"]]
-        for index, saved in state_dict["state"].items():
-            parameter = parameters[int(index)]
-            for key, value in saved.items():
-                if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
-                    self.state[parameter][key] = value.to(parameter.device, copy=True)
-
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
-        """transformers' Adafactor update of one parameter, computed in float32; returns the new value
-        (`p` itself when it is float32, updated in place)."""
-        factored, use_first_moment = self._get_options(group, grad.shape)
-        if not state:
-            state["step"], state["RMS"] = 0, 0
-            if use_first_moment:
-                state["exp_avg"] = torch.zeros_like(grad)
-            if factored:
-                state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[:-1])
-                state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
-            else:
-                state["exp_avg_sq"] = torch.zeros_like(grad)
-        value = p if p.dtype == torch.float32 else p.float()
-        state["step"] += 1
-        state["RMS"] = self._rms(value)
-        lr = self._get_lr(group, state)
-        beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
-        update = grad**2 + group["eps"][0]
-        if factored:
-            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
-            update = self._approx_sq_grad(row, col).mul_(grad)
-        else:
-            state["exp_avg_sq"].mul_(beta2t).add_(update, alpha=1.0 - beta2t)
-            update = state["exp_avg_sq"].rsqrt().mul_(grad)
-        update.div_((self._rms(update) / group["clip_threshold"]).clamp_(min=1.0)).mul_(lr)
-        if use_first_moment:
-            update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
-        if group["weight_decay"] != 0:
-            value.add_(value, alpha=-group["weight_decay"] * lr)
-        return value.add_(-update)
-
-
-def copy_stochastic_(target: torch.Tensor, source: torch.Tensor, generator: torch.Generator) -> None:
-    """Round float32 `source` into bf16 `target` stochastically: add 16 random low bits, then truncate
-    (a bf16 is the top half of a float32), so that E[target] == source."""
-    bits = torch.randint(0, 1 << 16, source.shape, dtype=torch.int32, device=source.device, generator=generator)
-    bits.add_(source.contiguous().view(torch.int32)).bitwise_and_(-65536)
-    target.copy_(bits.view(torch.float32).view(source.shape))
 
 
 def _adamw8bit(parameters: list[torch.Tensor], train: Any, betas: tuple[float, float]) -> torch.optim.Optimizer:
@@ -131,14 +55,27 @@ def _adamw8bit(parameters: list[torch.Tensor], train: Any, betas: tuple[float, f
     return bitsandbytes.optim.AdamW8bit(parameters, lr=train.lr, betas=betas, weight_decay=train.weight_decay)
 
 
+def lr_multiplier(step: int, schedule: str, warmup: int, total: int, cycles: int = 1) -> float:
+    """The factor on the base learning rate at `step`: linear warm-up to 1 over `warmup` steps, then
+    `schedule` over the steps from `warmup` to `total` (0 after `total`, except for constant)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if progress >= 1.0:  # cosine_with_restarts
+        return 0.0
+    return 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0)))
+
+
 def build_lr_schedule(optimizer: torch.optim.Optimizer, train: Any) -> torch.optim.lr_scheduler.LambdaLR:
     """Warm-up then `train.lr_schedule`, as a multiplier of each group's base learning rate."""
-    from transformers import get_scheduler
-
     if train.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"train.lr_schedule: expected one of {', '.join(LR_SCHEDULES)}, got {train.lr_schedule!r}")
-    name = "constant_with_warmup" if train.lr_schedule == "constant" else train.lr_schedule
-    total = train.lr_schedule_steps or train.max_steps
-    extra = {"num_cycles": train.lr_cycles} if train.lr_schedule == "cosine_with_restarts" else None
-    return get_scheduler(name, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=total,
-                         scheduler_specific_kwargs=extra)
+    curve = partial(lr_multiplier, schedule=train.lr_schedule, warmup=train.warmup_steps,
+                    total=train.lr_schedule_steps or train.max_steps, cycles=train.lr_cycles)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, curve)

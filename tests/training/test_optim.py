@@ -9,7 +9,8 @@ import torch
 
 from ldm_cli.config import TrainConfig, load_config
 from ldm_cli.errors import ConfigError
-from ldm_cli.training.optim import Adafactor, build_lr_schedule, build_optimizer, copy_stochastic_
+from ldm_cli.training.adafactor import Adafactor, copy_stochastic_
+from ldm_cli.training.optim import build_lr_schedule, build_optimizer
 
 
 def lrs(**changes) -> list[float]:
@@ -33,6 +34,32 @@ def test_schedules_match_their_closed_forms():
     assert restarts == pytest.approx(warm + [0.5 * (1 + math.cos(math.pi * ((2 * (s - 2) / 8) % 1))) for s in range(2, 10)])
     # the span can outlast max_steps, so a run extended on resume keeps its curve
     assert lrs(lr_schedule="linear", lr_schedule_steps=18)[-1] == pytest.approx((18 - 9) / 16)
+
+
+@pytest.mark.parametrize("name", ["constant", "linear", "cosine", "cosine_with_restarts"])
+def test_schedules_equal_transformers_get_scheduler(name):
+    from transformers import get_scheduler
+
+    train = TrainConfig(lr=1.0, max_steps=40, warmup_steps=7, lr_schedule=name, lr_schedule_steps=30, lr_cycles=3)
+    ours = build_lr_schedule(build_optimizer([torch.nn.Parameter(torch.zeros(1))], train), train)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_scheduler("constant_with_warmup" if name == "constant" else name, optimizer, num_warmup_steps=7,
+                              num_training_steps=30, scheduler_specific_kwargs={"num_cycles": 3} if name == "cosine_with_restarts" else None)
+    for _ in range(40):  # past the schedule's span too
+        assert ours.get_last_lr() == pytest.approx(reference.get_last_lr(), abs=1e-12)
+        ours.optimizer.step(), ours.step(), optimizer.step(), reference.step()
+
+
+def test_commands_start_without_peft_or_bitsandbytes():
+    """Loading configs and the trainers must not pull in peft and bitsandbytes (a second of start-up, and
+    bitsandbytes' import-time hub-kernel warning on every command)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ldm_cli.config, ldm_cli.training.optim, ldm_cli.diffusion.train, ldm_cli.sampling.commands; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'peft', 'bitsandbytes'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_adafactor_steps_at_the_fixed_learning_rate():
