@@ -87,7 +87,7 @@ class TokenSpatialTransformer(SpatialTransformer):
 
 def _training_swap(module: nn.Module) -> Optional[nn.Module]:
     if type(module) is nn.GroupNorm:
-        return retype(module, NchwBf16GroupNorm)
+        return _norm_swap(module)
     if type(module) is ScaledDotProductAttention:
         return retype(module, RoutedAttention)
     if type(module) is SpatialTransformer:
@@ -101,6 +101,19 @@ def optimize_for_cpu(model: nn.Module) -> nn.Module:
     """Swap in the CPU optimisations that keep parameters and keys (usable in training); returns `model`."""
     replace_modules(model, _training_swap)
     return model
+
+
+def _norm_swap(module: nn.Module) -> Optional[nn.Module]:
+    return retype(module, NchwBf16GroupNorm) if type(module) is nn.GroupNorm else None
+
+
+def optimize_autoencoder_for_cpu(autoencoder: nn.Module) -> nn.Module:
+    """The autoencoder's weights in channels_last, so that its convolutions run in oneDNN's native layout
+    (SD's decoder at 512 px is several times faster so in bf16, and faster in float32 too), with the
+    GroupNorm swap for small bf16 maps; keeps parameters and keys. Returns `autoencoder`."""
+    autoencoder.to(memory_format=torch.channels_last)
+    replace_modules(autoencoder, _norm_swap)
+    return autoencoder
 
 
 def trim_heap() -> None:

@@ -30,7 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm_cli.autoencoder.model import tiled_decode
-from ldm_cli.backends.cpu import optimize_for_cpu, optimize_for_cpu_inference, packable, prepack_available, trim_heap
+from ldm_cli.backends.cpu import (
+    optimize_autoencoder_for_cpu, optimize_for_cpu, optimize_for_cpu_inference, packable, prepack_available, trim_heap,
+)
 from ldm_cli.backends.guided import GuidedUNet
 from ldm_cli.diffusion.load import LatentDiffusion
 from ldm_cli.errors import UsageError
@@ -145,6 +147,8 @@ class SamplingPipeline:
             # in NHWC: no layout copy around each one. compile=true on the CPU picks its own layouts.
             channels_last = self.device.type == "cuda" or not compile
         self.channels_last = channels_last
+        if self.device.type == "cpu" and channels_last:
+            optimize_autoencoder_for_cpu(model.autoencoder.model)
         unet = model.unet
         self.compiled = compile  # torch.compile the U-Net: a slow first step, faster ones after
         self.guided: Optional[GuidedUNet] = getattr(unet, "guided", None)

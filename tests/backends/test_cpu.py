@@ -11,7 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from ldm_cli.backends.cpu import NchwBf16GroupNorm, optimize_for_cpu, optimize_for_cpu_inference, packable, trim_heap
+from ldm_cli.autoencoder.model import AutoencoderConfig, AutoencoderKL
+from ldm_cli.backends.cpu import (
+    NchwBf16GroupNorm, optimize_autoencoder_for_cpu, optimize_for_cpu, optimize_for_cpu_inference, packable, trim_heap,
+)
 from tests.backends.cases import CASE_NAMES, unet_and_inputs
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 4e-2}
@@ -66,6 +69,25 @@ def test_inference_optimisations_keep_outputs(case, dtype, layout):
     torch.testing.assert_close(second, first, atol=0, rtol=0)
     assert small.shape == (2, 4, 4, 4)
     assert first.is_contiguous(memory_format=LAYOUTS[layout])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("side", [8, 32])  # latent sides: 8 takes the small-map GroupNorm route in bf16
+def test_autoencoder_optimisation_keeps_decodes_encodes_and_state_dict(dtype, side):
+    torch.manual_seed(0)
+    config = AutoencoderConfig(block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, norm_num_groups=16)
+    plain = AutoencoderKL(config).to(dtype).eval()
+    optimised = optimize_autoencoder_for_cpu(copy.deepcopy(plain))
+    assert list(optimised.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(optimised.state_dict().values(), plain.state_dict().values()))
+    z = torch.randn(2, 4, side, side).to(dtype)
+    with torch.inference_mode():
+        expected, decoded = plain.decode(z), optimised.decode(z)
+        images = expected.clamp(-1, 1)
+        expected_latent, latent = plain.encode(images).mode(), optimised.encode(images).mode()
+    assert decoded.shape == (2, 3, 2 * side, 2 * side) and decoded.is_contiguous(memory_format=torch.channels_last)
+    _close(decoded, expected, dtype)
+    _close(latent, expected_latent, dtype)
 
 
 def test_packed_weights_are_kept_once_and_converting_afterwards_fails_loudly():
