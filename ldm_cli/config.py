@@ -53,7 +53,7 @@ class TrainConfig:
     # (training/master_weights.py) instead of autocast
     bf16_weights: bool = False
     # with bf16_weights: false drops the float32 masters and adafactor updates the bf16 weights in place
-    # with stochastic rounding (training/optim.py), which halves the weights' and gradients' memory
+    # with stochastic rounding (training/adafactor.py), which halves the weights' and gradients' memory
     master_weights: bool = True
     channels_last: bool = True
     ema_decay: Optional[float] = None  # e.g. 0.9999; None disables EMA

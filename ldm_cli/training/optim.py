@@ -3,7 +3,7 @@
 - adamw: torch's fused AdamW (one kernel over all tensors).
 - adafactor: transformers' Adafactor with a fixed learning rate (relative_step and parameter scaling
   off): factored second moments and no first moment, the low-memory choice on any device. Its bf16
-  parameters take each update with stochastic rounding (`Adafactor` here), so that bf16 weights can
+  parameters take each update with stochastic rounding (`training/adafactor.py`), so that bf16 weights can
   train without float32 master copies (`train.master_weights=false`).
 - adamw8bit: bitsandbytes' AdamW8bit (block-wise 8-bit moments), where bitsandbytes imports.
 
