@@ -52,9 +52,9 @@ PRESET = {
     "held_out_prompts": 128,  # prompts asking only for the held-out pairs, at every size, position, background
     "reconstructions": 256,  # fresh shapes images the autoencoder round-trips: the adherence it lets through
     # decoder-only steps trained beside the U-Net (the encoder, so the latents, stay fixed) on one of the
-    # U-Net's threads: sharper small shapes. About as many as fit in the U-Net's training time on a 2-core
-    # native-bf16 CPU, so that neither core idles
-    "decoder_steps": 4400,
+    # U-Net's threads: sharper small shapes. By the precision both train in: about as many as fit in the
+    # U-Net's training time on a 2-core CPU, so that neither core idles nor the U-Net waits
+    "decoder_steps": {"bf16": 4400, "fp32": 3000},
 }
 
 
@@ -172,6 +172,14 @@ def autoencoder_report(run: Path, what: str) -> dict:
     return {**metrics, "reconstruction_adherence": reconstructed}
 
 
+def decoder_steps(device_name: str) -> int:
+    """The decoder fine-tune's steps for the precision `precision=auto` trains in on this device."""
+    from ldm_cli.training.precision import resolve_device, resolve_precision
+
+    steps = PRESET["decoder_steps"]
+    return steps.get(resolve_precision("auto", resolve_device(device_name)), steps["fp32"])
+
+
 def start_decoder_fine_tune(out: Path, vae_overrides: list[str], device_name: str) -> subprocess.Popen | None:
     """`ldm train-vae --init-from VAE loss.decoder_only=true` in a one-thread process (its output goes to
     RUN.log); None when its bundle already exists."""
@@ -179,7 +187,7 @@ def start_decoder_fine_tune(out: Path, vae_overrides: list[str], device_name: st
         return None
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "ldm_cli", "train-vae", "--out", str(out), "--init-from", str(out.parent / "vae"),
-               "--device", device_name, *vae_overrides, "loss.decoder_only=true", f"train.max_steps={PRESET['decoder_steps']}"]
+               "--device", device_name, *vae_overrides, "loss.decoder_only=true", f"train.max_steps={decoder_steps(device_name)}"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(out.with_suffix(".log"), "ab") as log:
         # its own session: Ctrl-C reaches the quickstart only, which then stops it once, checkpoint saved
@@ -252,7 +260,7 @@ def run_quickstart(out: Path, device_name: str = "auto", extra_vae: list[str] = 
     encode_dataset(out / "vae", load_config("encode", encode_overrides), out / "latents", cache_text=True, device_name=device_name)
     _done(started, timings, "encode")
 
-    started = _stage(4, f"ldm train-diffusion (tiny U-Net, MiniLM text encoder); beside it, {PRESET['decoder_steps']} more decoder steps")
+    started = _stage(4, f"ldm train-diffusion (tiny U-Net, MiniLM text encoder); beside it, {decoder_steps(device_name)} more decoder steps")
     decoder_run = out / "vae-decoder"
     decoder = start_decoder_fine_tune(decoder_run, vae_overrides, device_name)
     threads = torch.get_num_threads()

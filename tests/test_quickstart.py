@@ -64,7 +64,7 @@ def test_quickstart_end_to_end_with_the_decoder_fine_tuned_beside_the_unet(tmp_p
     from ldm_cli.bundle import load_bundle
 
     for key, value in {"images": 48, "adherence_prompts": 4, "held_out_prompts": 2, "reconstructions": 4,
-                       "sample_steps": 2, "decoder_steps": 2}.items():
+                       "sample_steps": 2, "decoder_steps": {"bf16": 2, "fp32": 2}}.items():
         monkeypatch.setitem(quickstart.PRESET, key, value)
     monkeypatch.setattr(quickstart, "GRID_PROMPTS", quickstart.GRID_PROMPTS[:2])
     tiny = ["train.batch_size=4", "train.eval_batches=1", "train.log_with=[none]"]
