@@ -181,6 +181,19 @@ def write_shapes_dataset(out_dir: Union[str, Path], n: int, size: int, seed: int
 # (as a fraction of the side): with these, image moments give every candidate's box.
 _FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "diamond": 0.5, "cross": 5 / 9}
 _CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1 / 6, "diamond": 0.0, "cross": 0.0}
+# Gaussian blurs (in pixels) each candidate is also rendered with: a decoder's soft edges fill a small
+# cross's inner corners, which a crisp template would read as a diamond
+_SOFTENING = (0.0, 0.5, 0.75, 1.0)
+
+
+def _soften(coverage: np.ndarray, sigma: float) -> np.ndarray:
+    """`coverage` blurred by a Gaussian of `sigma` pixels (zero outside the image)."""
+    if sigma == 0:
+        return coverage
+    positions = np.arange(coverage.shape[0], dtype=np.float32)
+    kernel = np.exp(-0.5 * ((positions[:, None] - positions[None, :]) / sigma) ** 2)
+    kernel /= kernel.sum(axis=1, keepdims=True)
+    return kernel @ coverage @ kernel.T
 
 
 def _nearest(value: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
@@ -205,7 +218,7 @@ def classify_shape_image(image: Union[Image.Image, np.ndarray]) -> dict[str, str
     background: median border colour -> nearest background. colour: median of the pixels
     far from it -> nearest colour. Coverage: each pixel's position between background and
     that colour. shape: for each kind, its box follows from the coverage moments (centre,
-    area / fill ratio); render it and keep the kind that best reproduces the coverage.
+    area / fill ratio); render it, crisp and softened, and keep the kind that best reproduces the coverage.
     position and size: that box's centre and side -> nearest anchor / size.
     Attributes that cannot be seen (no shape pixels) come back as None.
     """
@@ -229,7 +242,8 @@ def classify_shape_image(image: Union[Image.Image, np.ndarray]) -> dict[str, str
     # alpha in a mix  background + alpha * (colour - background), projected per pixel
     direction = np.array(COLOURS[attrs["colour"]], dtype=np.float32) - background
     alpha = np.clip((rgb - background) @ direction / float(direction @ direction), 0.0, 1.0)
-    coverage = alpha * _shape_region(far)
+    region = _shape_region(far)
+    coverage = alpha * region
     area = float(coverage.sum()) / (width * width)  # as a fraction of the image
     ys, xs = (np.indices(coverage.shape) + 0.5) / width
     center_x = float((coverage * xs).sum() / coverage.sum())
@@ -239,7 +253,9 @@ def classify_shape_image(image: Union[Image.Image, np.ndarray]) -> dict[str, str
     for shape in SHAPES:
         side = float(np.sqrt(area / _FILL[shape]))
         box_center = (center_x, center_y - _CENTROID_DROP[shape] * side)
-        error = float(np.abs(shape_coverage(shape, width, box_center, side) - coverage).sum())
+        template = shape_coverage(shape, width, box_center, side)
+        # the best of its renderings, cut to the region seen as the shape (as `coverage` is)
+        error = min(float(np.abs(_soften(template, sigma) * region - coverage).sum()) for sigma in _SOFTENING)
         if best is None or error < best[0]:
             best = (error, shape, box_center, side)
     _, attrs["shape"], box_center, side = best

@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from ldm_cli.data.images import ImageFolderDataset
 from ldm_cli.data.shapes import (
@@ -142,6 +142,23 @@ def test_classifier_tolerates_noise_and_reports_empty_images():
     matches = attribute_matches(Image.new("RGB", (32, 32), (0, 0, 0)),
                                 "a small red circle in the center on a black background")
     assert matches == {"size": False, "colour": False, "shape": False, "position": False, "background": True}
+
+
+@pytest.mark.parametrize("radius", [0.75, 1.0])
+def test_classifier_reads_softened_shapes_as_drawn(radius):
+    # a decoder's output is softer than the drawn images: blurred, a small cross must still read as a
+    # cross and a small diamond as a diamond (each shape scored apart, so none passes by the others)
+    correct, total = {}, {}
+    for index in range(500):
+        image, _, attrs = draw_shape_image(np.random.default_rng([13, index]), 32)
+        seen = classify_shape_image(image.filter(ImageFilter.GaussianBlur(radius)))
+        key = (attrs["size"], attrs["shape"])
+        correct[key] = correct.get(key, 0) + (seen["shape"] == attrs["shape"])
+        total[key] = total.get(key, 0) + 1
+    assert len(total) == 10 and min(total.values()) >= 30
+    accuracy = {key: correct[key] / total[key] for key in total}
+    assert all(value >= 0.9 for value in accuracy.values()), accuracy
+    assert sum(correct.values()) / sum(total.values()) >= 0.98, accuracy
 
 
 def test_classifier_scores_the_datasets_own_images_per_colour_and_background():
