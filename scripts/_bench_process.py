@@ -112,8 +112,7 @@ def _ours(case: ProcessCase, mark) -> "torch.Tensor":
     from ldm_cli.diffusion.load import load_latent_diffusion
     from ldm_cli.sampling.pipeline import ImageJob, InitLatent, SamplingPipeline, SamplingSettings, weight_dtypes
     mark("import")
-    unet_dtype, autoencoder_dtype = weight_dtypes(case.precision)
-    model = load_latent_diffusion(case.model, "cpu", unet_dtype, autoencoder_dtype=autoencoder_dtype)
+    model = load_latent_diffusion(case.model, "cpu", weight_dtypes(case.precision))
     pipeline = SamplingPipeline(model, "cpu", case.precision)
     mark("load")
     settings = SamplingSettings(steps=case.steps, guidance_scale=case.guidance_scale, sampler="ddim", timestep_spacing="leading",

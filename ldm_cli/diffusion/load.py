@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -72,31 +73,38 @@ def text_encoder_config(bundle: Bundle) -> TextEncoderConfig:
     return config
 
 
+class WeightDtypes(NamedTuple):
+    """The dtype each part's weights are read into."""
+
+    unet: torch.dtype = torch.float32
+    autoencoder: torch.dtype = torch.float32
+    text_encoder: torch.dtype = torch.float32
+
+
 def load_latent_diffusion(
     path: str | Path,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtypes: WeightDtypes = WeightDtypes(),
     loras: Applied = (),
-    autoencoder_dtype: torch.dtype = torch.float32,
 ) -> LatentDiffusion:
-    """Load a bundle with the U-Net's weights in `dtype` and the autoencoder's in `autoencoder_dtype`,
-    each read straight into that dtype; the text encoder stays float32 (it runs once per prompt).
-    `loras` (file, scale) are merged into the float32 weights before the U-Net is built."""
+    """Load a bundle with each part's weights read straight into its dtype in `dtypes`. `loras` (file,
+    scale) are merged into float32 weights, which are then cast."""
     bundle = load_bundle(path, kind="latent-diffusion")
     require_model_keys(bundle)
     meta = bundle.meta
-    text_encoder = load_text_encoder(text_encoder_config(bundle), device=device)
-    weights = bundle.tensors("unet", device, dtype=torch.float32 if loras else dtype)
+    text_encoder = load_text_encoder(text_encoder_config(bundle), device, torch.float32 if loras else dtypes.text_encoder)
+    weights = bundle.tensors("unet", device, dtype=torch.float32 if loras else dtypes.unet)
     if loras:
         merge_loras(weights, text_encoder.model, loras)
+        text_encoder.to(dtype=dtypes.text_encoder)
         for key, value in weights.items():  # one tensor at a time: the float32 copy shrinks as it goes
-            weights[key] = value.to(dtype)
+            weights[key] = value.to(dtypes.unet)
     unet = build_unet(from_dict(meta["unet"], UNetConfig), weights).to(device=device).eval()
     del weights
     unet.requires_grad_(False)
     schedule = NoiseSchedule(from_dict(meta["schedule"], ScheduleConfig)).to(device)
     autoencoder_dir = bundle.path / meta["autoencoder"]["path"]
-    autoencoder = load_autoencoder(autoencoder_dir, device=device, dtype=autoencoder_dtype)
+    autoencoder = load_autoencoder(autoencoder_dir, device=device, dtype=dtypes.autoencoder)
     if autoencoder.bundle.content_hash != meta["autoencoder"]["content_hash"]:
         raise BundleError(f"the autoencoder in {autoencoder_dir} is not the one this model was trained with (content hash differs)")
     return LatentDiffusion(bundle, unet, schedule, text_encoder, autoencoder)

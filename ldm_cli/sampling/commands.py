@@ -140,8 +140,7 @@ def load_model(
     """The model with its weights read straight into the dtypes sampling at `precision` computes in."""
     if path is None:
         raise UsageError("--model is required (a latent-diffusion run directory or bundle)")
-    unet_dtype, autoencoder_dtype = weight_dtypes(precision)
-    model = load_latent_diffusion(path, device, unet_dtype, loras, autoencoder_dtype)
+    model = load_latent_diffusion(path, device, weight_dtypes(precision), loras)
     if model.is_inpainting and not inpainting_ok:
         raise UsageError(
             f"{path} is an inpainting model (its U-Net reads a mask and a masked image); use `ldm inpaint --init IMAGE --mask MASK`"

@@ -34,7 +34,7 @@ from ldm_cli.backends.cpu import (
     optimize_autoencoder_for_cpu, optimize_for_cpu, optimize_for_cpu_inference, packable, prepack_available, trim_heap,
 )
 from ldm_cli.backends.guided import GuidedUNet
-from ldm_cli.diffusion.load import LatentDiffusion
+from ldm_cli.diffusion.load import LatentDiffusion, WeightDtypes
 from ldm_cli.errors import UsageError
 from ldm_cli.noise import generators_for, initial_noise
 from ldm_cli.sampling.compile import compile_for_inference
@@ -45,15 +45,16 @@ from ldm_cli.sampling.settings import DEFAULT_SAMPLER, SamplingLimits, SamplingS
 from ldm_cli.training.precision import DTYPES, autocast
 
 __all__ = ["DEFAULT_SAMPLER", "ImageJob", "InitLatent", "SamplingLimits", "SamplingPipeline", "SamplingSettings",
-           "check_image_size", "initial_noise", "plan_batches", "weight_dtypes"]
+           "WeightDtypes", "check_image_size", "initial_noise", "plan_batches", "weight_dtypes"]
 
 
-def weight_dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
-    """(U-Net, autoencoder) weight dtypes at a precision. Weights live in the compute dtype (autocast
-    would re-cast frozen weights at every call and keep a float32 copy); the autoencoder is bf16 at bf16
-    and float32 otherwise, since SD's VAE overflows in fp16. Load the model in these (`load_latent_diffusion`)
-    and it is never held in float32."""
-    return DTYPES[precision], torch.bfloat16 if precision == "bf16" else torch.float32
+def weight_dtypes(precision: str) -> WeightDtypes:
+    """The weight dtypes sampling at `precision` loads. Weights live in the compute dtype (autocast would
+    re-cast frozen weights at every call and keep a float32 copy). The autoencoder and the text encoder
+    are bf16 at bf16 and float32 otherwise: SD's VAE overflows in fp16. Load the model in these
+    (`load_latent_diffusion`) and nothing is held in float32 at bf16."""
+    others = torch.bfloat16 if precision == "bf16" else torch.float32
+    return WeightDtypes(DTYPES[precision], others, others)
 
 
 def check_image_size(height: int, width: int, model: LatentDiffusion, what: str = "--height/--width") -> None:
@@ -139,8 +140,7 @@ class SamplingPipeline:
         self.precision = precision
         self.tile_decode_above = tile_decode_above
         self.tile_latent_size = tile_latent_size
-        # the text encoder runs once per prompt and stays float32
-        self.unet_dtype, self.autoencoder_dtype = weight_dtypes(precision)
+        self.unet_dtype, self.autoencoder_dtype, _ = weight_dtypes(precision)
         model.autoencoder.model.to(device=self.device, dtype=self.autoencoder_dtype)
         if channels_last is None:
             # Tensor-core convolutions want NHWC, and so do oneDNN's packed CPU convolutions, which answer

@@ -24,6 +24,7 @@ from ldm_cli.sampling.pipeline import (
     check_image_size,
     initial_noise,
     plan_batches,
+    weight_dtypes,
 )
 from ldm_cli.sampling.samplers import sample
 from tests.sampling.helpers import write_tiny_latent_diffusion
@@ -272,8 +273,14 @@ def test_large_images_are_decoded_in_tiles(model, monkeypatch):
 def test_bf16_precision_samples_close_to_fp32(model, pipe):
     jobs, settings = [ImageJob("a red circle", 4)], SamplingSettings(steps=4, sampler="euler", **SIZE)
     reference = pipe(jobs, settings)
-    low = SamplingPipeline(load_latent_diffusion(model.bundle.path), "cpu", "bf16")
-    assert low.model.unet.conv_in.weight.dtype == torch.bfloat16
+    # loaded as `ldm sample --precision bf16` loads it: no part's weights in float32
+    loaded = load_latent_diffusion(model.bundle.path, "cpu", weight_dtypes("bf16"))
+    parts = {"unet": loaded.unet, "autoencoder": loaded.autoencoder.model, "text encoder": loaded.text_encoder}
+    assert {name: {p.dtype for p in part.parameters()} for name, part in parts.items()} == {
+        name: {torch.bfloat16} for name in parts
+    }
+    low = SamplingPipeline(loaded, "cpu", "bf16")
+    torch.testing.assert_close(low.encode_prompt("a red circle"), pipe.encode_prompt("a red circle"), atol=0.05, rtol=0.02)
     images = low(jobs, settings)
     assert images.dtype == torch.float32 and (images - reference).abs().mean() < 0.05
 
