@@ -500,8 +500,9 @@ def run_processes(args: argparse.Namespace, preset: Preset, chosen: list[str]) -
         repeats = args.repeats or 1
         print(f"model: U-Net {preset.unet}, autoencoder {preset.autoencoder}, CLIP text encoder "
               f"{preset.text_layers}x{preset.text_width} (random weights); "
-              f"DDIM {args.sampling_steps} steps, guidance {args.guidance_scale}; each case a fresh process, "
-              f"{repeats} run(s) each (the fastest kept), cases alternating ours / diffusers\n", flush=True)
+              f"DDIM {args.sampling_steps} steps, guidance {args.guidance_scale}; each case a fresh process, its weight "
+              f"files read into the page cache first, {repeats} run(s) each (the fastest kept), cases alternating "
+              f"ours / diffusers\n", flush=True)
         flops = {(case.height, case.width): step_flops(ours, theirs, case.height, case.width) for case in cases}
         peak = matmul_peak(args.threads)
         results: dict[str, process.ProcessResult] = {}
