@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,8 +22,8 @@ from ldm_cli.bundle import load_bundle
 from ldm_cli.config import load_config
 from ldm_cli.errors import TrainingError
 
-# (colour, shape) pairs removed from the training data: prompts asking for them test
-# whether the model composes attributes it only saw apart
+# (colour, shape) pairs removed from the U-Net's captioned data: prompts asking for them test
+# whether the text-to-image model composes attributes it only saw apart
 HELD_OUT_PAIRS = {("purple", "triangle"), ("orange", "circle"), ("green", "cross")}
 
 GRID_PROMPTS = [
@@ -58,24 +59,31 @@ PRESET = {
 }
 
 
-def write_training_shapes(out: Path, count: int, size: int) -> Path:
-    """The shapes set without the held-out colour/shape pairs."""
+def write_training_shapes(out: Path, count: int, size: int) -> tuple[Path, Path]:
+    """The shapes set twice: `out/autoencoder-data` whole, and `out/data` without the held-out colour/shape
+    pairs. The autoencoder learns to compress every image (as SD's autoencoder learns from a broader set
+    than any diffusion model trained on its latents); only the captioned set the U-Net learns from leaves
+    the pairs out. A decoder that never drew a green cross draws a small one as a diamond, whatever the
+    U-Net asks for."""
     from ldm_cli.data.shapes import parse_caption, write_shapes_dataset
 
-    if (out / "metadata.jsonl").is_file() and (out / ".complete").is_file():
-        return out
-    write_shapes_dataset(out, count, size, seed=0)
-    kept = []
-    for line in (out / "metadata.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        attrs = parse_caption(entry["text"])
-        if (attrs["colour"], attrs["shape"]) in HELD_OUT_PAIRS:
-            (out / entry["file_name"]).unlink()
-        else:
-            kept.append(line)
-    (out / "metadata.jsonl").write_text("\n".join(kept) + "\n")
-    (out / ".complete").write_text("")
-    return out
+    everything, captioned = out / "autoencoder-data", out / "data"
+    if not (everything / ".complete").is_file():
+        write_shapes_dataset(everything, count, size, seed=0)
+        (everything / ".complete").write_text("")
+    if not (captioned / ".complete").is_file():
+        captioned.mkdir(parents=True, exist_ok=True)
+        kept = []
+        for line in (everything / "metadata.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            attrs = parse_caption(entry["text"])
+            if (attrs["colour"], attrs["shape"]) not in HELD_OUT_PAIRS:
+                kept.append(line)
+                if not (captioned / entry["file_name"]).exists():
+                    shutil.copyfile(everything / entry["file_name"], captioned / entry["file_name"])
+        (captioned / "metadata.jsonl").write_text("\n".join(kept) + "\n")
+        (captioned / ".complete").write_text("")
+    return everything, captioned
 
 
 def _sample(model: Path, out: Path, prompts: list[str], device_name: str, **options) -> list[Path]:
@@ -241,11 +249,11 @@ def run_quickstart(out: Path, device_name: str = "auto", extra_vae: list[str] = 
     total_start = time.perf_counter()
 
     started = _stage(1, f"ldm data shapes: {PRESET['images']} captioned {PRESET['size']}px images")
-    data = write_training_shapes(out / "data", PRESET["images"], PRESET["size"])
+    autoencoder_data, data = write_training_shapes(out, PRESET["images"], PRESET["size"])
     _done(started, timings, "data")
 
     started = _stage(2, "ldm train-vae (tiny autoencoder)")
-    vae_overrides = [f"data.path={data}", f"data.resolution={PRESET['size']}", *PRESET["vae"], *extra_vae]
+    vae_overrides = [f"data.path={autoencoder_data}", f"data.resolution={PRESET['size']}", *PRESET["vae"], *extra_vae]
     # a CPU-sized demo uses LPIPS only when VGG16 is already here: its 528 MB download would dominate
     if any(where.origin == "download" for _, where in lpips_sources()):
         typer.echo("      VGG16 for LPIPS is not in the torch hub cache: training with L1 + KL (+ GAN) only")

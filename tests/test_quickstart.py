@@ -7,13 +7,21 @@ from ldm_cli.eval.adherence import adherence_prompts, score_adherence
 from ldm_cli.quickstart import HELD_OUT_PAIRS, write_training_shapes
 
 
-def test_training_shapes_leave_out_the_held_out_pairs(tmp_path):
-    root = write_training_shapes(tmp_path / "data", 300, 16)
-    entries = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
-    pairs = {(parse_caption(e["text"])["colour"], parse_caption(e["text"])["shape"]) for e in entries}
-    assert not pairs & HELD_OUT_PAIRS
+def test_the_u_nets_shapes_leave_out_the_held_out_pairs_and_the_autoencoders_keep_them(tmp_path):
+    def pairs(root):
+        entries = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+        return entries, {(parse_caption(e["text"])["colour"], parse_caption(e["text"])["shape"]) for e in entries}
+
+    everything, captioned = write_training_shapes(tmp_path, 300, 16)
+    entries, seen = pairs(captioned)
+    assert not seen & HELD_OUT_PAIRS
     assert 200 < len(entries) < 300  # some were removed, most kept
-    assert sorted(p.name for p in root.glob("*.png")) == sorted(e["file_name"] for e in entries)
+    assert sorted(p.name for p in captioned.glob("*.png")) == sorted(e["file_name"] for e in entries)
+    assert all((captioned / e["file_name"]).read_bytes() == (everything / e["file_name"]).read_bytes() for e in entries)
+    all_entries, all_seen = pairs(everything)
+    assert len(all_entries) == 300 and HELD_OUT_PAIRS <= all_seen
+    assert len(list(everything.glob("*.png"))) == 300
+    assert write_training_shapes(tmp_path, 300, 16) == (everything, captioned)  # complete: kept as it is
 
 
 def test_adherence_scores_true_and_wrong_captions():

@@ -187,7 +187,7 @@ _SOFTENING = (0.0, 0.5, 0.75, 1.0)
 
 
 def _soften(coverage: np.ndarray, sigma: float) -> np.ndarray:
-    """`coverage` blurred by a Gaussian of `sigma` pixels (zero outside the image)."""
+    """`coverage` blurred by a Gaussian of `sigma` pixels, its weights renormalised at the image's border."""
     if sigma == 0:
         return coverage
     positions = np.arange(coverage.shape[0], dtype=np.float32)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
