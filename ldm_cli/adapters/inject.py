@@ -15,11 +15,13 @@ from ldm_cli.adapters.config import LoraConfig
 from ldm_cli.adapters.layers import TEXT_ENCODER, UNET, LoraLayer
 from ldm_cli.adapters.targets import CLIP_WRAPPER
 from ldm_cli.backends.cpu import TokenConv1x1
+from ldm_cli.training.optim import quiet_bitsandbytes
 
 ADAPTER = "default"
 
 
 def _token_conv_lora() -> type:
+    quiet_bitsandbytes()  # peft imports it where installed
     from peft.tuners.lora.layer import Linear
 
     class TokenConvLora(Linear):
@@ -39,6 +41,7 @@ def inject_text_lora(text_model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def _inject(model: nn.Module, config: LoraConfig, pattern: str, custom: dict[type, type]) -> list[str]:
+    quiet_bitsandbytes()  # peft imports it where installed
     from peft import LoraConfig as PeftConfig
     from peft import inject_adapter_in_model
 

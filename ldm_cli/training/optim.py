@@ -15,6 +15,7 @@ restarts over `train.lr_schedule_steps` (default `train.max_steps`).
 
 from __future__ import annotations
 
+import logging
 import math
 from functools import partial
 from typing import Any, Iterable
@@ -43,7 +44,16 @@ def build_optimizer(parameters: Iterable[torch.Tensor], train: Any, betas: tuple
     raise ConfigError(f"train.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {train.optimizer!r}")
 
 
+def quiet_bitsandbytes() -> None:
+    """Silence the warnings of bitsandbytes' import on AVX512-BF16 CPUs, where it tries to fetch its 4-bit
+    CPU kernel from the hub (with the `kernels` package) and both log when that fails or is offline:
+    neither its 8-bit AdamW nor LoRA (peft imports bitsandbytes) uses that kernel."""
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _adamw8bit(parameters: list[torch.Tensor], train: Any, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    quiet_bitsandbytes()
     try:
         import bitsandbytes
     except Exception as error:  # not installed, or its native library does not load on this machine

@@ -246,3 +246,19 @@ def test_init_from_continues_both_adapter_sets(base_and_latents, tmp_path):
         torch.testing.assert_close(again[name].down, layer.down, rtol=0, atol=0)
     with pytest.raises(IncompatibleError, match="has text-encoder layers; set lora.train_text_encoder=true"):
         run(base, latents, tmp_path / "unet-only", ["train.max_steps=1", f"lora.init_from={start}"])
+
+
+def test_lora_injection_prints_nothing_of_bitsandbytes():
+    # peft imports bitsandbytes where installed, which logs a warning at import on AVX512-BF16 CPUs that cannot
+    # fetch its 4-bit CPU kernel; a fresh interpreter, since this one may have imported peft already
+    code = (
+        "from ldm_cli.adapters.config import LoraConfig\n"
+        "from ldm_cli.adapters.inject import inject_lora\n"
+        "from ldm_cli.diffusion.unet import UNet\n"
+        "from tests.sampling.helpers import tiny_unet_config\n"
+        "print(len(inject_lora(UNet(tiny_unet_config()), LoraConfig(rank=2, targets='all'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.strip()) > 0
+    assert "bitsandbytes" not in done.stderr and "gemm_4bit" not in done.stderr, done.stderr
