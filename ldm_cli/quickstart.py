@@ -79,8 +79,7 @@ def write_training_shapes(out: Path, count: int, size: int) -> tuple[Path, Path]
             attrs = parse_caption(entry["text"])
             if (attrs["colour"], attrs["shape"]) not in HELD_OUT_PAIRS:
                 kept.append(line)
-                if not (captioned / entry["file_name"]).exists():
-                    shutil.copyfile(everything / entry["file_name"], captioned / entry["file_name"])
+                shutil.copyfile(everything / entry["file_name"], captioned / entry["file_name"])
         (captioned / "metadata.jsonl").write_text("\n".join(kept) + "\n")
         (captioned / ".complete").write_text("")
     return everything, captioned
@@ -188,14 +187,14 @@ def decoder_steps(device_name: str) -> int:
     return steps.get(resolve_precision("auto", resolve_device(device_name)), steps["fp32"])
 
 
-def start_decoder_fine_tune(out: Path, vae_overrides: list[str], device_name: str) -> subprocess.Popen | None:
-    """`ldm train-vae --init-from VAE loss.decoder_only=true` in a one-thread process (its output goes to
-    RUN.log); None when its bundle already exists."""
+def start_decoder_fine_tune(out: Path, vae_overrides: list[str], steps: int, device_name: str) -> subprocess.Popen | None:
+    """`ldm train-vae --init-from VAE loss.decoder_only=true` for `steps` in a one-thread process (its output
+    goes to RUN.log); None when its bundle already exists."""
     if (out / "bundle").is_dir():
         return None
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "ldm_cli", "train-vae", "--out", str(out), "--init-from", str(out.parent / "vae"),
-               "--device", device_name, *vae_overrides, "loss.decoder_only=true", f"train.max_steps={decoder_steps(device_name)}"]
+               "--device", device_name, *vae_overrides, "loss.decoder_only=true", f"train.max_steps={steps}"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(out.with_suffix(".log"), "ab") as log:
         # its own session: Ctrl-C reaches the quickstart only, which then stops it once, checkpoint saved
@@ -268,9 +267,10 @@ def run_quickstart(out: Path, device_name: str = "auto", extra_vae: list[str] = 
     encode_dataset(out / "vae", load_config("encode", encode_overrides), out / "latents", cache_text=True, device_name=device_name)
     _done(started, timings, "encode")
 
-    started = _stage(4, f"ldm train-diffusion (tiny U-Net, MiniLM text encoder); beside it, {decoder_steps(device_name)} more decoder steps")
+    steps = decoder_steps(device_name)
+    started = _stage(4, f"ldm train-diffusion (tiny U-Net, MiniLM text encoder); beside it, {steps} more decoder steps")
     decoder_run = out / "vae-decoder"
-    decoder = start_decoder_fine_tune(decoder_run, vae_overrides, device_name)
+    decoder = start_decoder_fine_tune(decoder_run, vae_overrides, steps, device_name)
     threads = torch.get_num_threads()
     try:
         if decoder is not None:  # one thread each beats two threads that a third one keeps waiting

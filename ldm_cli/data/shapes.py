@@ -8,6 +8,7 @@ deterministic `classify_shape_image` can later score a generated image against i
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -186,13 +187,20 @@ _CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1 / 6, "diamond": 0.
 _SOFTENING = (0.0, 0.5, 0.75, 1.0)
 
 
+@functools.lru_cache(maxsize=None)
+def _gaussian_rows(size: int, sigma: float) -> np.ndarray:
+    """[size, size]: row i holds the Gaussian weights of `sigma` pixels around pixel i, summing to 1 (so
+    renormalised at the image's border)."""
+    positions = np.arange(size, dtype=np.float32)
+    kernel = np.exp(-0.5 * ((positions[:, None] - positions[None, :]) / sigma) ** 2)
+    return kernel / kernel.sum(axis=1, keepdims=True)
+
+
 def _soften(coverage: np.ndarray, sigma: float) -> np.ndarray:
-    """`coverage` blurred by a Gaussian of `sigma` pixels, its weights renormalised at the image's border."""
+    """`coverage` blurred by a Gaussian of `sigma` pixels."""
     if sigma == 0:
         return coverage
-    positions = np.arange(coverage.shape[0], dtype=np.float32)
-    kernel = np.exp(-0.5 * ((positions[:, None] - positions[None, :]) / sigma) ** 2)
-    kernel /= kernel.sum(axis=1, keepdims=True)
+    kernel = _gaussian_rows(coverage.shape[0], sigma)
     return kernel @ coverage @ kernel.T
 
 

@@ -45,7 +45,7 @@ from ldm_cli.sampling.settings import DEFAULT_SAMPLER, SamplingLimits, SamplingS
 from ldm_cli.training.precision import DTYPES, autocast
 
 __all__ = ["DEFAULT_SAMPLER", "ImageJob", "InitLatent", "SamplingLimits", "SamplingPipeline", "SamplingSettings",
-           "WeightDtypes", "check_image_size", "initial_noise", "plan_batches", "weight_dtypes"]
+           "check_image_size", "initial_noise", "plan_batches", "weight_dtypes"]
 
 
 def weight_dtypes(precision: str) -> WeightDtypes:
