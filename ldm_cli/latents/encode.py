@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -94,6 +95,11 @@ def _files_digest(images: ImageFolderDataset) -> str:
     return hashlib.sha256(names.encode("utf-8")).hexdigest()
 
 
+# captions repeat in templated and tagged sets: each one is encoded once while it stays among the
+# most recent this many (about 100 MB for a CLIP-L embedding), so a set of unique captions costs nothing
+TEXT_MEMO_SIZE = 4096
+
+
 class _Encoder:
     """One batch of images (and captions) → float32 posterior moments (and float16 text embeddings)."""
 
@@ -103,6 +109,7 @@ class _Encoder:
         # channels_last is what cuDNN's fastest convolutions want; the CPU gains nothing from it
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         self.model.to(device, memory_format=self.memory_format)
+        self.text_memo: OrderedDict[str, np.ndarray] = OrderedDict()
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, captions: list[str]) -> dict[str, np.ndarray]:
@@ -122,9 +129,17 @@ class _Encoder:
 
     @torch.inference_mode()
     def text(self, captions: list[str]) -> np.ndarray:
-        # full precision: cached embeddings must equal what training would compute live
-        embeddings = self.text_encoder.encode(captions)
-        return embeddings.float().cpu().numpy().astype(np.float16)
+        new = list(dict.fromkeys(caption for caption in captions if caption not in self.text_memo))
+        if new:
+            # full precision: cached embeddings must equal what training would compute live
+            embeddings = self.text_encoder.encode(new).float().cpu().numpy().astype(np.float16)
+            self.text_memo.update(zip(new, embeddings))
+        for caption in captions:
+            self.text_memo.move_to_end(caption)
+        batch = np.stack([self.text_memo[caption] for caption in captions])
+        while len(self.text_memo) > TEXT_MEMO_SIZE:
+            self.text_memo.popitem(last=False)
+        return batch
 
 
 def encode_dataset(

@@ -206,6 +206,25 @@ def test_cache_text_stores_the_text_encoder_outputs(vae, data, tmp_path):
     np.testing.assert_allclose(uncond.astype(np.float32), encoder.encode([""]).numpy(), atol=1e-2, rtol=1e-3)
 
 
+@pytest.mark.parametrize("memo_size", [2, 4096])
+def test_cached_text_of_repeated_captions_is_each_captions_own(vae, data, tmp_path, monkeypatch, memo_size):
+    # three captions over ten images, three a batch: repeats within a batch, across batches, and (memo 2) after eviction
+    repeated = tmp_path / "repeated"
+    repeated.mkdir()
+    captions = ["a red circle", "a blue square on a white background", "a green cross"]
+    rows = []
+    for i, name in enumerate(sorted(captions_of(data))):
+        (repeated / name).write_bytes((data / name).read_bytes())
+        rows.append(json.dumps({"file_name": name, "text": captions[(i * i) % 3]}))
+    (repeated / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    monkeypatch.setattr(encode_module, "TEXT_MEMO_SIZE", memo_size)
+    out = tmp_path / "latents"
+    encode_dataset(vae, make_config(repeated), out, cache_text=True, device_name="cpu")
+
+    expected = load_text_encoder(TINY_TEXT).encode([captions[(i * i) % 3] for i in range(N_IMAGES)]).numpy()
+    np.testing.assert_allclose(shard_arrays(out, "text").astype(np.float32), expected, atol=1e-2, rtol=1e-3)
+
+
 def test_other_autoencoder_or_settings_are_refused(vae, other_vae, data, tmp_path):
     out = tmp_path / "latents"
     encode_dataset(vae, make_config(data), out, device_name="cpu")
